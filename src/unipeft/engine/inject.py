@@ -1,0 +1,290 @@
+"""Attach adapters to a model: plan (pure), validate, apply; freeze the base; merge, unload, delete.
+
+`AdapterModel` is what Hugging Face PEFT calls the tuner (`peft_model.base_model`): it holds the user's
+model as `.model`, so checkpoint keys read `base_model.model.<module path>...` in both libraries.
+An adapter is added in two steps: `plan` builds every new tensor without touching the model, so
+loading can check a checkpoint against it and fail cleanly; `apply` then swaps the wrappers in.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from ..registry import get_method
+from .layers import (
+    BASE, AdapterError, AdapterLayer, AdapterState, ModulesToSaveWrapper, Routing, base_named_modules,
+    innermost, named_part_tensors,
+)
+from .sites import default_targets
+from .targeting import TargetError, find_targets, logical_modules, name_matches
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit this model (another base model, another config, a damaged file)."""
+
+
+@dataclass
+class PlannedLayer:
+    module_name: str
+    layer_cls: type
+    parts: dict[str, Any]
+    hparams: dict[str, Any]
+
+
+@dataclass
+class AdapterPlan:
+    name: str
+    config: Any
+    layers: list[PlannedLayer] = field(default_factory=list)
+    heads: dict[str, nn.Module] = field(default_factory=dict)
+    target_modules: Any = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Checkpoint key (without the `base_model.model.` prefix) -> the new tensor it fills."""
+        out: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            out.update(named_part_tensors(layer.module_name, layer.parts))
+        for module_name, head in self.heads.items():
+            out.update({f"{module_name}.{k}": v for k, v in head.state_dict(keep_vars=True).items()})
+        return out
+
+
+def _module_bias_name(module_name: str, module: nn.Module) -> str | None:
+    base = innermost(module)
+    if getattr(base, "bias", None) is None:
+        return None
+    return f"{module_name}.base_layer.bias" if isinstance(module, AdapterLayer) else f"{module_name}.bias"
+
+
+class AdapterModel(nn.Module):
+    def __init__(self, model: nn.Module, config, adapter_name: str, state_dict: dict | None = None,
+                 source: str = "state_dict") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, Any] = {}
+        self.adapter_state = AdapterState()
+        self.add_adapter(adapter_name, config, state_dict, source)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ---- adding adapters -----------------------------------------------------------------------
+    def plan(self, name: str, config) -> AdapterPlan:
+        if not name or "." in name or name == BASE:
+            raise AdapterError(f"invalid adapter name {name!r}: use a non-empty name without '.', not {BASE!r}")
+        if name in self.peft_config:
+            raise AdapterError(f"adapter {name!r} already exists; delete_adapter({name!r}) first or choose another name")
+        spec = get_method(config.peft_type)
+        plan = AdapterPlan(name, config)
+        head_specs = list(getattr(config, "modules_to_save", None) or [])
+        for module_name, module in logical_modules(self.model):
+            if name_matches(module_name, head_specs) and not any(module_name.startswith(h + ".") for h in plan.heads):
+                plan.heads[module_name] = copy.deepcopy(module).requires_grad_(True)
+        plan.target_modules = targets = config.target_modules or default_targets(self.model, spec.site_key)
+        for module_name in find_targets(
+            self.model, targets, exclude_modules=getattr(config, "exclude_modules", None),
+            layers_to_transform=getattr(config, "layers_to_transform", None),
+            layers_pattern=getattr(config, "layers_pattern", None), skip=plan.heads,
+        ):
+            module = self.model.get_submodule(module_name)
+            base = innermost(module)
+            layer_cls = spec.layer_for(base, config)
+            if layer_cls is None:
+                raise TargetError(
+                    f"{module_name} is a {type(base).__name__}, which {spec.peft_type} cannot adapt; "
+                    f"narrow target_modules to supported layers"
+                )
+            if isinstance(module, AdapterLayer) and not isinstance(module, layer_cls):
+                raise TargetError(f"{module_name} already carries a {type(module).__name__}; stacking methods on one layer is not supported")
+            parts, hparams = layer_cls.make_parts(base, config, module_name)
+            plan.layers.append(PlannedLayer(module_name, layer_cls, parts, hparams))
+        return plan
+
+    def fill_plan(self, plan: AdapterPlan, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """Check a checkpoint against the plan and copy it in. Returns base biases to load after apply."""
+        expected = plan.tensors()
+        biases = {}
+        for key, value in tensors.items():
+            target = expected.get(key)
+            if target is None and key.endswith("bias") and getattr(plan.config, "bias", "none") != "none":
+                target = biases[key] = self._base_parameter(key)
+            if target is None:
+                raise CheckpointMismatchError(
+                    f"{source}: key base_model.model.{key} matches nothing this adapter config creates in "
+                    f"{type(self.model).__name__}; the adapter was saved for another base model or config"
+                )
+            if tuple(value.shape) != tuple(target.shape):
+                raise CheckpointMismatchError(
+                    f"{source}: base_model.model.{key} has shape {tuple(value.shape)} in the file but "
+                    f"{tuple(target.shape)} in this model; the adapter was saved for another base model"
+                )
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise CheckpointMismatchError(f"{source} lacks {len(missing)} adapter tensors, first base_model.model.{missing[0]}")
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(tensors[key])
+        return {key: tensors[key] for key in biases}
+
+    def _base_parameter(self, key: str) -> torch.Tensor | None:
+        logical = key.replace(".base_layer.", ".")
+        for name, param in self.named_base_parameters():
+            if name.replace(".base_layer.", ".") == logical:
+                return param
+        return None
+
+    def apply(self, plan: AdapterPlan) -> None:
+        for planned in plan.layers:
+            module = self.model.get_submodule(planned.module_name)
+            if not isinstance(module, planned.layer_cls):
+                module = planned.layer_cls(module, self.adapter_state)
+                self.model.set_submodule(planned.module_name, module)
+            module.add_adapter(plan.name, planned.parts, planned.hparams)
+        for module_name, head in plan.heads.items():
+            module = self.model.get_submodule(module_name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                module = ModulesToSaveWrapper(module, self.adapter_state)
+                self.model.set_submodule(module_name, module)
+            module.add_adapter(plan.name, head)
+        if plan.config.target_modules is None:  # record the family default, as PEFT does
+            plan.config.target_modules = list(plan.target_modules)
+        self.peft_config[plan.name] = plan.config
+
+    def add_adapter(self, name: str, config, state_dict: dict | None = None, source: str = "state_dict") -> None:
+        plan = self.plan(name, config)
+        biases = self.fill_plan(plan, state_dict, source) if state_dict is not None else {}
+        self.apply(plan)
+        with torch.no_grad():
+            for key, value in biases.items():
+                self._base_parameter(key).copy_(value)
+        if not self.adapter_state.active:
+            self.adapter_state.active = [name]
+        self.refresh_trainable()
+
+    # ---- which adapters run and train ----------------------------------------------------------
+    def adapter_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        for module_name, module in self.model.named_modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                yield module_name, module
+
+    def named_base_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for module_name, module in base_named_modules(self.model):
+            if not isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                for pname, param in module.named_parameters(recurse=False):
+                    yield (f"{module_name}.{pname}" if module_name else pname), param
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Everything adapter `name` owns, keyed as in the checkpoint (adapter name stripped)."""
+        out: dict[str, torch.Tensor] = {}
+        bias = getattr(self.peft_config[name], "bias", "none")
+        for module_name, module in self.adapter_layers():
+            if isinstance(module, AdapterLayer) and name in module.hparams:
+                out.update(named_part_tensors(module_name, module.parts_of(name)))
+                bias_name = _module_bias_name(module_name, module) if bias == "lora_only" else None
+                if bias_name:
+                    out[bias_name] = innermost(module).bias
+            elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
+                copy_state = module.modules_to_save[name].state_dict(keep_vars=True)
+                out.update({f"{module_name}.{k}": v for k, v in copy_state.items()})
+        if bias == "all":
+            out.update({n: p for n, p in self.named_base_parameters() if n.endswith("bias")})
+        return out
+
+    def set_adapter(self, names) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        self.check_names(names)
+        self.adapter_state.active = names
+        self.refresh_trainable()
+
+    def check_names(self, names, allow_base: bool = False) -> None:
+        known = set(self.peft_config) | ({BASE} if allow_base else set())
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise AdapterError(f"unknown adapter name(s) {unknown}; this model has {sorted(self.peft_config)}")
+
+    def refresh_trainable(self) -> None:
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        for name in self.adapter_state.active:
+            if not self.peft_config[name].inference_mode:
+                for tensor in self.adapter_tensors(name).values():
+                    if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
+                        tensor.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def disabled(self):
+        self.unmerge()
+        state = self.adapter_state
+        previous, state.disabled = state.disabled, True
+        try:
+            yield
+        finally:
+            state.disabled = previous
+
+    @contextlib.contextmanager
+    def routed(self, adapter_names: list[str] | None):
+        if adapter_names is None:
+            yield
+            return
+        self.check_names(adapter_names, allow_base=True)
+        if self.merged_adapters():
+            raise AdapterError("mixed-batch adapter_names cannot run on merged weights; call unmerge_adapter() first")
+        state = self.adapter_state
+        state.routing = Routing(adapter_names)
+        try:
+            yield
+        finally:
+            state.routing = None
+
+    # ---- merge, unload, delete -----------------------------------------------------------------
+    def merged_adapters(self) -> list[str]:
+        return sorted({n for _, m in self.adapter_layers() if isinstance(m, AdapterLayer) for n in m.merged_adapters})
+
+    def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
+        names = list(adapter_names or self.adapter_state.active)
+        self.check_names(names)
+        layers = [(n, m) for n, m in self.adapter_layers() if isinstance(m, AdapterLayer)]
+        if safe_merge:  # check every layer first so a refusal leaves the base untouched
+            for module_name, layer in layers:
+                for name in names:
+                    if name in layer.hparams and name not in layer.merged_adapters:
+                        layer.check_merge(name, module_name)
+        for _, layer in layers:
+            layer.merge(names)
+
+    def unmerge(self) -> None:
+        for _, module in self.adapter_layers():
+            if isinstance(module, AdapterLayer):
+                module.unmerge()
+
+    def unload(self, merge: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        """Remove every wrapper; with merge=True the active adapters are first folded into the weights."""
+        if merge:
+            self.merge(adapter_names, safe_merge)
+        keep = (list(adapter_names or self.adapter_state.active)) if merge else []
+        for module_name, module in list(self.adapter_layers()):
+            if isinstance(module, AdapterLayer):
+                self.model.set_submodule(module_name, module.base_layer)
+            else:
+                chosen = next((n for n in keep if n in module.modules_to_save), None)
+                self.model.set_submodule(module_name, module.modules_to_save[chosen] if chosen else module.original_module)
+        self.peft_config.clear()
+        self.adapter_state.active = []
+        return self.model
+
+    def delete_adapter(self, name: str) -> None:
+        self.check_names([name])
+        for module_name, module in list(self.adapter_layers()):
+            module.remove_adapter(name)
+            if not module.adapter_names:
+                inner = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
+                self.model.set_submodule(module_name, inner)
+        del self.peft_config[name]
+        state = self.adapter_state
+        state.active = [n for n in state.active if n != name] or list(self.peft_config)[:1]
+        self.refresh_trainable()

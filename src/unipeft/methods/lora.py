@@ -1,0 +1,244 @@
+"""LoRA (Hu et al., 2021): h = W x + (alpha / r) * B A x, with B = 0 at init so training starts at W.
+
+Linear and GPT-2's Conv1D (weight stored transposed) share one layer; Embedding has its own lookup.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError, PeftConfig
+from ..engine.layers import AdapterLayer
+from ..registry import MethodSpec, PeftType, register_method
+
+# Hugging Face PEFT LoRA fields we do not implement; accepted while neutral (see PeftConfig.from_dict).
+_PEFT_ONLY_FIELDS = {
+    "megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
+    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None, "use_dora": False,
+    "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
+    "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
+    "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
+    "runtime_config": None, "peft_version": None,
+}
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    peft_type: Optional[Union[str, PeftType]] = PeftType.LORA
+    r: int = 8
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: Optional[list[str]] = None
+    init_lora_weights: Union[bool, Literal["gaussian"]] = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    _peft_neutral_fields = _PEFT_ONLY_FIELDS
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.r <= 0 or any(v <= 0 for v in self.rank_pattern.values()):
+            raise ConfigError(f"LoraConfig.r must be a positive integer, got r={self.r}, rank_pattern={self.rank_pattern}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError("LoraConfig.layers_pattern only applies together with layers_to_transform")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        return (_pattern_value(self.rank_pattern, module_name, self.r),
+                _pattern_value(self.alpha_pattern, module_name, self.lora_alpha))
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return default
+
+
+def _scaling(config: LoraConfig, r: int, alpha: float) -> float:
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+class LoraLinear(AdapterLayer):
+    @classmethod
+    def make_parts(cls, base_layer, config: LoraConfig, module_name: str):
+        r, alpha = config.rank_and_alpha(module_name)
+        weight = base_layer.weight
+        transposed = _is_conv1d(base_layer)  # Conv1D stores [in, out]
+        in_features, out_features = weight.shape[::-1] if not transposed else weight.shape
+        kw = {"bias": False, "device": weight.device, "dtype": weight.dtype}
+        lora_A, lora_B = nn.Linear(in_features, r, **kw), nn.Linear(r, out_features, **kw)
+        if config.init_lora_weights == "gaussian":
+            nn.init.normal_(lora_A.weight, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+        if config.init_lora_weights is not False:
+            nn.init.zeros_(lora_B.weight)
+        hparams = {"scaling": _scaling(config, r, alpha), "dropout": config.lora_dropout, "transposed": transposed}
+        return {"lora_A": lora_A, "lora_B": lora_B}, hparams
+
+    def _down(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams[name]
+        weight_A = self.lora_A[name].weight
+        if x.dtype != weight_A.dtype:
+            x = x.to(weight_A.dtype)
+        if hp["dropout"] and self.training:
+            x = F.dropout(x, hp["dropout"], training=True)
+        return F.linear(x, weight_A) * hp["scaling"]  # scale the rank-r tensor, not the wide output
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._down(name, x), self.lora_B[name].weight)
+
+    def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        down = self._down(name, x)
+        weight_B = self.lora_B[name].weight
+        if down.dtype != result.dtype:
+            return result + F.linear(down, weight_B).to(result.dtype)
+        # One fused matmul-and-add instead of a separate output-sized addition.
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), weight_B.t())
+        return flat.view(result.shape)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = _factor_product(self, name)
+        return delta.t() if self.hparams[name]["transposed"] else delta
+
+
+class LoraEmbedding(AdapterLayer):
+    @classmethod
+    def make_parts(cls, base_layer, config: LoraConfig, module_name: str):
+        r, alpha = config.rank_and_alpha(module_name)
+        weight = base_layer.weight
+        kw = {"device": weight.device, "dtype": weight.dtype}
+        lora_A = nn.Parameter(torch.randn(r, weight.shape[0], **kw))
+        lora_B = nn.Parameter(torch.randn(weight.shape[1], r, **kw))
+        if config.init_lora_weights is not False:
+            nn.init.zeros_(lora_A)
+            nn.init.normal_(lora_B)
+        hparams = {"scaling": _scaling(config, r, alpha)}
+        return {"lora_embedding_A": lora_A, "lora_embedding_B": lora_B}, hparams
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        down = F.embedding(x, self.lora_embedding_A[name].t(), padding_idx=base.padding_idx)
+        out = (down @ self.lora_embedding_B[name].t()) * self.hparams[name]["scaling"]
+        embed_scale = getattr(base, "embed_scale", None)  # BART-style scaled embeddings scale the lookup
+        return out * embed_scale if embed_scale is not None else out
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return _factor_product(self, name).t()
+
+
+def _factor_product(layer, name: str) -> torch.Tensor:
+    """scaling * B @ A in [out, in] layout, for any LoRA layer."""
+    A, B = layer.factors(name)
+    return (B @ A) * layer.hparams[name]["scaling"]
+
+
+def lora_layer_for(module: nn.Module, config: LoraConfig):
+    if _is_conv1d(module):
+        config.fan_in_fan_out = True  # recorded for readers of adapter_config.json; the layer knows anyway
+        return LoraLinear
+    if isinstance(module, nn.Linear):
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    return None
+
+
+register_method(MethodSpec(peft_type="LORA", config_cls=LoraConfig, layer_for=lora_layer_for, prefix="lora_", site_key="lora"))
+
+
+def _union_targets(configs: list[LoraConfig]):
+    targets = [c.target_modules for c in configs]
+    if all(isinstance(t, (list, tuple)) for t in targets):
+        return sorted(set().union(*targets))
+    if all(isinstance(t, str) for t in targets):
+        return "|".join(f"({t})" for t in targets)
+    raise ConfigError("add_weighted_adapter: the adapters mix list and regex target_modules; use one kind")
+
+
+@torch.no_grad()
+def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None) -> None:
+    """Combine LoRA adapters into a new one (Hugging Face PEFT semantics).
+
+    linear: A = sum(sign(w) sqrt|w| s_i A_i), B = sum(sqrt|w| B_i)   (equal ranks; an approximation)
+    cat:    A = concat(w_i s_i A_i), B = concat(B_i)                   (exact: sum of w_i dW_i)
+    svd:    the best rank-k factorisation of sum(w_i dW_i)
+    The new adapter has lora_alpha = r, so its scaling is 1.
+    """
+    tuner.check_names(adapters)
+    if len(weights) != len(adapters):
+        raise ConfigError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
+    configs = [tuner.peft_config[a] for a in adapters]
+    if not all(isinstance(c, LoraConfig) for c in configs) or any(c.rank_pattern for c in configs):
+        raise ConfigError("add_weighted_adapter combines LoRA adapters without rank_pattern only")
+    ranks = [c.r for c in configs]
+    if combination_type == "linear":
+        if len(set(ranks)) != 1:
+            raise ConfigError(f"combination_type='linear' needs equal ranks, got {ranks}; use 'cat' or 'svd'")
+        new_rank = ranks[0]
+    elif combination_type == "cat":
+        new_rank = sum(ranks)
+    elif combination_type == "svd":
+        new_rank = svd_rank or max(ranks)
+    else:
+        raise ConfigError(f"unknown combination_type {combination_type!r}; choose 'linear', 'cat' or 'svd'")
+    new_config = replace(configs[0], r=new_rank, lora_alpha=new_rank, target_modules=_union_targets(configs),
+                         rank_pattern={}, alpha_pattern={})
+    tuner.add_adapter(adapter_name, new_config)
+    for _, layer in tuner.adapter_layers():
+        if not isinstance(layer, (LoraLinear, LoraEmbedding)) or adapter_name not in layer.hparams:
+            if adapter_name in getattr(layer, "modules_to_save", {}) and adapters[0] in layer.modules_to_save:
+                layer.modules_to_save[adapter_name].load_state_dict(layer.modules_to_save[adapters[0]].state_dict())
+            continue
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.hparams]
+        new_A, new_B = layer.factors(adapter_name)
+        new_A.zero_(), new_B.zero_()
+        if combination_type == "svd":
+            delta = sum(w * _factor_product(layer, a) for a, w in present)
+            U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+            k = min(new_rank, S.shape[0])
+            new_B[:, :k] = (U[:, :k] * S[:k]).to(new_B.dtype)
+            new_A[:k] = Vh[:k].to(new_A.dtype)
+            continue
+        offset = 0
+        for a, w in present:
+            A, B = layer.factors(a)
+            s = layer.hparams[a]["scaling"]
+            if combination_type == "linear":
+                root = math.sqrt(abs(w))
+                new_A += math.copysign(root, w) * s * A
+                new_B += root * B
+            else:
+                new_A[offset:offset + A.shape[0]] = w * s * A
+                new_B[:, offset:offset + A.shape[0]] = B
+                offset += A.shape[0]

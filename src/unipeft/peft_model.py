@@ -1,0 +1,254 @@
+"""PeftModel, its thin task wrappers and `get_peft_model`: the API Hugging Face PEFT users know."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import PeftConfig, TaskType, ConfigError
+from .engine.checkpoint import load_adapter_tensors, save_adapter
+from .engine.inject import AdapterModel
+from .engine.layers import AdapterError
+from .engine.sites import task_heads
+from .engine.targeting import logical_modules, name_matches
+
+# transformers auto-mapping tables that say which model classes fit which task
+_TASK_MAPPINGS = {
+    TaskType.SEQ_CLS: "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    TaskType.CAUSAL_LM: "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    TaskType.SEQ_2_SEQ_LM: "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    TaskType.TOKEN_CLS: "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+    TaskType.FEATURE_EXTRACTION: "MODEL_MAPPING_NAMES",
+}
+
+
+def check_task(model: nn.Module, task_type) -> None:
+    """Refuse a task type that the model class cannot serve (e.g. CAUSAL_LM on a classifier)."""
+    if task_type is None or TaskType(task_type) not in _TASK_MAPPINGS:
+        return
+    from transformers.models.auto import modeling_auto
+
+    all_classes = set()
+    for table in _TASK_MAPPINGS.values():
+        for value in getattr(modeling_auto, table).values():
+            all_classes.update([value] if isinstance(value, str) else value)
+    cls_name = type(model).__name__
+    if cls_name not in all_classes:
+        return  # a custom model: we cannot tell, so trust the user
+    table = getattr(modeling_auto, _TASK_MAPPINGS[TaskType(task_type)])
+    fitting = {c for v in table.values() for c in ([v] if isinstance(v, str) else v)}
+    if cls_name not in fitting:
+        raise ConfigError(
+            f"task_type={TaskType(task_type).value} does not fit {cls_name}; load the model with the matching "
+            f"Auto class (e.g. {table.get(getattr(model.config, 'model_type', ''), 'the task-specific class')}) "
+            f"or change task_type"
+        )
+
+
+def _with_task_heads(model: nn.Module, config: PeftConfig) -> PeftConfig:
+    """A copy of the config whose modules_to_save include the task's newly initialised head."""
+    config = dataclasses.replace(config)
+    heads = [h for h in task_heads(model, config.task_type)
+             if any(name_matches(n, [h]) for n, _ in logical_modules(model))]
+    if heads and hasattr(config, "modules_to_save"):
+        config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return config
+
+
+def _batch_size(args, kwargs) -> int | None:
+    for key in ("input_ids", "inputs_embeds", "pixel_values"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0].shape[0]
+    return None
+
+
+class PeftModel(nn.Module):
+    """A transformers model with adapters; `base_model` is the tuner holding the model as `.model`."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = False, state_dict: dict | None = None, source: str = "state_dict",
+                 **_compat_kwargs) -> None:
+        super().__init__()
+        check_task(model, peft_config.task_type)
+        config = _with_task_heads(model, peft_config) if state_dict is None else dataclasses.replace(peft_config)
+        self.base_model = AdapterModel(model, config, adapter_name, state_dict, source)
+        if autocast_adapter_dtype:
+            self._upcast_adapter(adapter_name)
+
+    def _upcast_adapter(self, adapter_name: str) -> None:
+        for tensor in self.base_model.adapter_tensors(adapter_name).values():
+            if tensor.dtype in (torch.float16, torch.bfloat16):
+                tensor.data = tensor.data.float()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)  # one level only: the user's model
+
+    # ---- introspection -------------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.base_model.adapter_state.active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- running -------------------------------------------------------------------------------
+    @contextmanager
+    def _routing(self, adapter_names, args, kwargs):
+        if adapter_names is not None:
+            batch = _batch_size(args, kwargs)
+            if batch is not None and len(adapter_names) != batch:
+                raise AdapterError(f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows")
+        with self.base_model.routed(adapter_names):
+            yield
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with self._routing(adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        with self._routing(adapter_names, args, kwargs):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    @contextmanager
+    def disable_adapter(self):
+        with self.base_model.disabled():
+            yield
+
+    # ---- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        check_task(self.get_base_model(), peft_config.task_type)
+        self.base_model.add_adapter(adapter_name, _with_task_heads(self.get_base_model(), peft_config))
+
+    def set_adapter(self, adapter_name) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        self.base_model.merge(adapter_names, safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        return self.base_model.unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload(merge=False)
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None, **kwargs) -> None:
+        from .methods.lora import add_weighted_adapter
+
+        add_weighted_adapter(self.base_model, adapters, weights, adapter_name, combination_type, svd_rank)
+
+    # ---- files ---------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True, is_main_process: bool = True, **_compat_kwargs) -> None:
+        if not safe_serialization:
+            raise ValueError("unipeft writes safetensors only; drop safe_serialization=False")
+        names = list(selected_adapters or self.peft_config)
+        self.base_model.check_names(names)
+        if not is_main_process:
+            return
+        for name in names:
+            directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            save_adapter(directory, self.peft_config[name].to_saved_json(), self.base_model.adapter_tensors(name))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: PeftConfig | None = None, allow_pickle: bool = False,
+                        subfolder: str | None = None, autocast_adapter_dtype: bool = False, **hub_kwargs) -> "PeftModel":
+        config, tensors, source = _read_adapter(model_id, config, is_trainable, allow_pickle, subfolder, hub_kwargs)
+        wrapper = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel)
+        return wrapper(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                       state_dict=tensors, source=source)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     allow_pickle: bool = False, subfolder: str | None = None, **hub_kwargs) -> None:
+        config, tensors, source = _read_adapter(model_id, None, is_trainable, allow_pickle, subfolder, hub_kwargs)
+        check_task(self.get_base_model(), config.task_type)
+        self.base_model.add_adapter(adapter_name, config, tensors, source)
+
+
+def _read_adapter(model_id, config, is_trainable, allow_pickle, subfolder, hub_kwargs):
+    config = config or PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
+    config = dataclasses.replace(config, inference_mode=not is_trainable)
+    tensors, source = load_adapter_tensors(model_id, subfolder, allow_pickle, **hub_kwargs)
+    return config, tensors, source
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    pass
+
+
+class PeftModelForCausalLM(PeftModel):
+    pass
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    pass
+
+
+class PeftModelForTokenClassification(PeftModel):
+    pass
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    pass
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    pass
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING = {
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = False, **_compat_kwargs) -> PeftModel:
+    if not isinstance(peft_config, PeftConfig):
+        raise ConfigError(f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
+    wrapper = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(peft_config.task_type, PeftModel)
+    return wrapper(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

@@ -1,0 +1,51 @@
+"""Method registry: peft_type -> (config class, adapter layer factory, parameter prefix).
+
+Adding a method is one line in `METHOD_MODULES` plus its file under `methods/`, which calls
+`register_method` when imported. Nothing else in the engine changes.
+"""
+from __future__ import annotations
+
+import enum
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+METHOD_MODULES: dict[str, str] = {
+    "LORA": "unipeft.methods.lora",
+}
+
+PeftType = enum.Enum("PeftType", {name: name for name in METHOD_MODULES}, type=str)
+PeftType.__str__ = lambda self: self.value  # type: ignore[method-assign]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    peft_type: str
+    config_cls: type
+    # Returns the AdapterLayer subclass that wraps `module` for this config, or None if the
+    # method cannot attach to this kind of module.
+    layer_for: Callable
+    prefix: str  # start of the parameter names this method adds ("lora_"), for readers and filters
+    site_key: str  # which default-target list of the family site table the method uses
+
+
+_METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> None:
+    _METHODS[spec.peft_type] = spec
+
+
+def known_peft_types() -> list[str]:
+    return sorted(METHOD_MODULES)
+
+
+def get_method(peft_type: str) -> MethodSpec:
+    key = str(getattr(peft_type, "value", peft_type)).upper()
+    if key not in METHOD_MODULES:
+        from .config import ConfigError
+
+        raise ConfigError(f"unknown peft_type {peft_type!r}; choose one of {known_peft_types()}")
+    if key not in _METHODS:
+        importlib.import_module(METHOD_MODULES[key])
+    return _METHODS[key]
