@@ -106,13 +106,16 @@ class AdapterModel(nn.Module):
         return plan
 
     def fill_plan(self, plan: AdapterPlan, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-        """Check a checkpoint against the plan and copy it in. Returns base biases to load after apply."""
+        """Check a checkpoint against the plan and copy it in. Returns base tensors (trained biases,
+        embeddings HF PEFT saved) to load after apply."""
         expected = plan.tensors()
-        biases = {}
+        base_tensors = {}
         for key, value in tensors.items():
             target = expected.get(key)
             if target is None and key.endswith("bias") and getattr(plan.config, "bias", "none") != "none":
-                target = biases[key] = self._base_parameter(key)
+                target = base_tensors[key] = self._base_parameter(key)
+            if target is None and self._is_embedding_weight(key):  # HF PEFT's save_embedding_layers
+                target = base_tensors[key] = self._base_parameter(key)
             if target is None:
                 raise CheckpointMismatchError(
                     f"{source}: key base_model.model.{key} matches nothing this adapter config creates in "
@@ -129,7 +132,22 @@ class AdapterModel(nn.Module):
         with torch.no_grad():
             for key, target in expected.items():
                 target.copy_(tensors[key])
-        return {key: tensors[key] for key in biases}
+        return {key: tensors[key] for key in base_tensors}
+
+    def _is_embedding_weight(self, key: str) -> bool:
+        """Whether `key` is the full weight of the input/output embeddings, which HF PEFT saves when they are
+        targeted (or resized); loading it into the base matches what HF PEFT does."""
+        param = self._base_parameter(key)
+        if param is None or not key.endswith("weight"):
+            return False
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            try:
+                layer = getattr(self.model, getter)()
+            except (AttributeError, NotImplementedError):
+                continue
+            if layer is not None and getattr(innermost(layer), "weight", None) is param:
+                return True
+        return False
 
     def _base_parameter(self, key: str) -> torch.Tensor | None:
         logical = key.replace(".base_layer.", ".")
@@ -157,10 +175,10 @@ class AdapterModel(nn.Module):
 
     def add_adapter(self, name: str, config, state_dict: dict | None = None, source: str = "state_dict") -> None:
         plan = self.plan(name, config)
-        biases = self.fill_plan(plan, state_dict, source) if state_dict is not None else {}
+        base_tensors = self.fill_plan(plan, state_dict, source) if state_dict is not None else {}
         self.apply(plan)
         with torch.no_grad():
-            for key, value in biases.items():
+            for key, value in base_tensors.items():
                 self._base_parameter(key).copy_(value)
         if not self.adapter_state.active:
             self.adapter_state.active = [name]

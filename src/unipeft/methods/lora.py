@@ -190,7 +190,7 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
                          combination_type: str = "svd", svd_rank: int | None = None) -> None:
     """Combine LoRA adapters into a new one (Hugging Face PEFT semantics).
 
-    linear: A = sum(sign(w) sqrt|w| s_i A_i), B = sum(sqrt|w| B_i)   (equal ranks; an approximation)
+    linear: A = sum(sign(w_i s_i) sqrt|w_i s_i| A_i), B = sum(sqrt|w_i s_i| B_i)   (equal ranks; an approximation)
     cat:    A = concat(w_i s_i A_i), B = concat(B_i)                   (exact: sum of w_i dW_i)
     svd:    the best rank-k factorisation of sum(w_i dW_i)
     The new adapter has lora_alpha = r, so its scaling is 1.
@@ -234,9 +234,9 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
         for a, w in present:
             A, B = layer.factors(a)
             s = layer.hparams[a]["scaling"]
-            if combination_type == "linear":
-                root = math.sqrt(abs(w))
-                new_A += math.copysign(root, w) * s * A
+            if combination_type == "linear":  # sqrt of |w * s| on both sides, the sign on A (as HF PEFT)
+                root = math.sqrt(abs(w * s))
+                new_A += math.copysign(root, w * s) * A
                 new_B += root * B
             else:
                 new_A[offset:offset + A.shape[0]] = w * s * A
