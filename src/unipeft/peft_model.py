@@ -12,7 +12,7 @@ import torch.nn as nn
 from .config import PeftConfig, TaskType, ConfigError
 from .engine.checkpoint import load_adapter_tensors, save_adapter
 from .engine.inject import AdapterModel
-from .engine.layers import AdapterError
+from .engine.layers import AdapterError, AdapterLayer, named_part_tensors
 from .engine.sites import task_heads
 from .engine.targeting import logical_modules, name_matches
 
@@ -84,9 +84,13 @@ class PeftModel(nn.Module):
             self._upcast_adapter(adapter_name)
 
     def _upcast_adapter(self, adapter_name: str) -> None:
-        for tensor in self.base_model.adapter_tensors(adapter_name).values():
-            if tensor.dtype in (torch.float16, torch.bfloat16):
-                tensor.data = tensor.data.float()
+        # Only the adapter layers' own tensors, as HF PEFT does: an fp32 copy of a task head
+        # (modules_to_save) would meet the half-precision activations of the base and fail.
+        for _, layer in self.base_model.adapter_layers():
+            if isinstance(layer, AdapterLayer) and adapter_name in layer.hparams:
+                for tensor in named_part_tensors("", layer.parts_of(adapter_name)).values():
+                    if tensor.dtype in (torch.float16, torch.bfloat16):
+                        tensor.data = tensor.data.float()
 
     def __getattr__(self, name: str) -> Any:
         try:
