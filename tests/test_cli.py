@@ -1,0 +1,248 @@
+"""`unipeft train` end to end, offline: a tiny random BERT with a real tokenizer, a small local CSV/JSONL.
+
+The training run happens once per module (through `python -m unipeft`, as a user runs it); the tests
+then check its output folder, reload the adapter and recompute the reported accuracy, and check the
+bad-input errors (one line on stderr, exit code 2, nothing written).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import unipeft
+from unipeft.cli import main
+from unipeft.train import data as train_data
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+CUES = {"negative": ["awful", "terrible", "hate"], "neutral": ["okay", "fine", "average"],
+        "positive": ["great", "love", "wonderful"]}
+FILLER = [f"w{i}" for i in range(40)]
+HIDDEN, LAYERS, RANK = 32, 2, 4
+
+
+def _texts(seed: int, n: int) -> list[tuple[str, str]]:
+    """Unique sentences: filler words plus one cue word that decides the label."""
+    rng, rows, seen = random.Random(seed), [], set()
+    while len(rows) < n:
+        label = rng.choice(sorted(CUES))
+        words = rng.sample(FILLER, 3)
+        words.insert(rng.randrange(4), rng.choice(CUES[label]))
+        text = " ".join(words)
+        if text not in seen:
+            seen.add(text)
+            rows.append((text, label))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer random BERT encoder saved with a WordPiece tokenizer built offline from a word list."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = SPECIAL + sorted({w for words in CUES.values() for w in words}) + FILLER
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
+    assert tokenizer.tokenize("w1 great W2") == ["w1", "great", "w2"]  # whole words, no [UNK]
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "text", "label"])
+        for i, (text, label) in enumerate(_texts(0, 600)):
+            writer.writerow([i, text, label])
+    return str(path)
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if "PYTEST_XDIST_WORKER" in env:  # two workers on two cores: one thread each
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+TRAIN_ARGS = ["--epochs", "5", "--lr", "0.03", "--batch-size", "16", "--max-length", "16", "--r", str(RANK),
+              "--alpha", "8", "--seed", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tiny_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    proc = subprocess.run(
+        [sys.executable, "-m", "unipeft", "train", "--model", tiny_model, "--data", tiny_csv,
+         "--output-dir", str(out), *TRAIN_ARGS],
+        capture_output=True, text=True, env=_env(), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    return out, metrics, proc.stdout
+
+
+def test_output_folder_holds_adapter_and_metrics(trained):
+    out, metrics, _ = trained
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "metrics.json"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
+    assert config["r"] == RANK and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == ["query", "value"]
+    assert config["modules_to_save"] == ["classifier"]
+    keys = load_file(out / "adapter_model.safetensors")
+    assert keys, "empty adapter file"
+    assert all(k.startswith("base_model.model.") for k in keys)
+    assert {k.split(".")[-2] for k in keys} == {"lora_A", "lora_B", "classifier"}
+    assert sum(k.endswith("lora_A.weight") for k in keys) == 2 * LAYERS  # query and value in each layer
+
+
+def test_metrics_report_split_params_and_learning(trained):
+    _, metrics, stdout = trained
+    assert metrics["labels"] == ["negative", "neutral", "positive"]
+    assert (metrics["num_train"], metrics["num_validation"], metrics["num_test"]) == (480, 60, 60)
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4, 5]
+    # LoRA on query and value (A: r x in, B: out x r) in every layer, plus the classifier head
+    expected = LAYERS * 2 * (2 * RANK * HIDDEN) + (HIDDEN * 3 + 3)
+    assert metrics["trainable_params"] == expected
+    assert metrics["trainable_percent"] == pytest.approx(100 * expected / metrics["total_params"])
+    # the cue word decides the label: the adapter must learn it, the loss must fall
+    assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
+    assert metrics["test_accuracy"] >= metrics["majority_baseline"] + 0.3
+    for epoch in metrics["epochs"]:
+        assert f"epoch {epoch['epoch']}/5: train loss {epoch['train_loss']:.4f}, validation accuracy " \
+               f"{epoch['validation_accuracy']:.4f}" in stdout
+    assert f"test accuracy: {metrics['test_accuracy']:.4f}" in stdout
+    assert f"{metrics['majority_baseline']:.4f}" in stdout
+    assert f"trainable params: {expected:,d}" in stdout
+
+
+def _accuracy(model, tokenizer, examples, max_length) -> float:
+    batch = tokenizer([e.text for e in examples], padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    with torch.no_grad():
+        predictions = model(**batch).logits.argmax(-1).tolist()
+    return sum(p == e.label for p, e in zip(predictions, examples)) / len(examples)
+
+
+def test_saved_adapter_reloads_and_reproduces_test_accuracy(trained, tiny_model, tiny_csv):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out, metrics, _ = trained
+    dataset = train_data.load_dataset(tiny_csv, split_seed=metrics["options"]["split_seed"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=len(metrics["labels"]))
+    model = unipeft.PeftModel.from_pretrained(base, str(out)).eval()
+    max_length = metrics["options"]["max_length"]
+    reloaded = _accuracy(model, tokenizer, dataset.test, max_length)
+    assert reloaded == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+    with model.disable_adapter():  # the base with a fresh random head does not know the task
+        assert _accuracy(model, tokenizer, dataset.test, max_length) < metrics["test_accuracy"]
+    merged = model.merge_and_unload()
+    assert _accuracy(merged, tokenizer, dataset.test, max_length) == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+
+
+def test_split_is_fixed_disjoint_and_independent_of_subsampling(tiny_csv):
+    full = train_data.load_dataset(tiny_csv, split_seed=0)
+    again = train_data.load_dataset(tiny_csv, split_seed=0, max_train_samples=50, max_eval_samples=10)
+    other = train_data.load_dataset(tiny_csv, split_seed=1)
+    texts = [{e.text for e in part} for part in (full.train, full.validation, full.test)]
+    assert sum(map(len, texts)) == 600 and len(set.union(*texts)) == 600
+    assert again.train == full.train[:50] and again.test == full.test[:10] and again.validation == full.validation[:10]
+    assert {e.text for e in other.test} != texts[2]
+
+
+def test_jsonl_with_custom_columns_and_integer_labels(tmp_path, tiny_model, capsys):
+    rows = _texts(1, 60)
+    ids = {"negative": 2, "neutral": 10, "positive": 1}  # ids sort numerically, not as strings
+    with open(tmp_path / "data.jsonl", "w") as fh:
+        for text, label in rows:
+            fh.write(json.dumps({"sentence": text, "y": ids[label]}) + "\n")
+        fh.write(json.dumps({"sentence": rows[0][0], "y": 10}) + "\n")  # a repeated text is dropped
+    out = tmp_path / "out"
+    code = main(["train", "--model", tiny_model, "--data", str(tmp_path / "data.jsonl"), "--text-column", "sentence",
+                 "--label-column", "y", "--epochs", "1", "--max-train-samples", "20", "--output-dir", str(out),
+                 "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["labels"] == ["1", "2", "10"]
+    assert metrics["num_train"] == 20 and metrics["num_validation"] == metrics["num_test"] == 6
+    assert "dropped 1 repeated text" in capsys.readouterr().out
+
+
+# ---- bad input: one line naming the problem, exit code 2, no traceback, nothing written ----------------------
+def _fails(capsys, argv, *needles, out=None):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    if out is not None:
+        assert not os.path.exists(out)
+    return err
+
+
+def test_unknown_method_lists_known_ones(tmp_path, tiny_model, tiny_csv, capsys):
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--method", "dora-xl", "--model", tiny_model, "--data", tiny_csv, "--output-dir", str(out)],
+           "unknown method 'dora-xl'", "known methods: lora", out=out)
+
+
+def test_missing_column_lists_columns_found(tmp_path, tiny_model, tiny_csv, capsys):
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--model", tiny_model, "--data", tiny_csv, "--label-column", "sentiment",
+                    "--output-dir", str(out)],
+           "no label column 'sentiment'", "['id', 'text', 'label']", "--label-column", out=out)
+    _fails(capsys, ["train", "--model", tiny_model, "--data", tiny_csv, "--text-column", "body", "--output-dir", str(out)],
+           "no text column 'body'", out=out)
+
+
+def test_missing_or_unsupported_files(tmp_path, tiny_model, tiny_csv, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "nope.csv"
+    _fails(capsys, ["train", "--model", tiny_model, "--data", str(missing), "--output-dir", str(out)],
+           str(missing), "does not exist", out=out)
+    other = tmp_path / "data.parquet"
+    other.write_bytes(b"PAR1")
+    _fails(capsys, ["train", "--model", tiny_model, "--data", str(other), "--output-dir", str(out)],
+           "unsupported file type", ".jsonl", out=out)
+    _fails(capsys, ["train", "--model", str(tmp_path / "no-model"), "--data", tiny_csv, "--output-dir", str(out)],
+           "model folder", "no-model", "does not exist", out=out)
+
+
+def test_single_label_and_bad_numbers(tmp_path, tiny_model, capsys):
+    path = tmp_path / "one.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},pos\n" for i in range(10)))
+    _fails(capsys, ["train", "--model", tiny_model, "--data", str(path)], "at least 2 distinct labels", "['pos']")
+    with pytest.raises(SystemExit) as exc:  # argparse: usage line + error, exit 2
+        main(["train", "--epochs", "0"])
+    assert exc.value.code == 2
+    assert "--epochs: must be positive" in capsys.readouterr().err
+
+
+def test_max_length_beyond_the_model_positions(tmp_path, tiny_model, tiny_csv, capsys):
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--model", tiny_model, "--data", tiny_csv, "--max-length", "100", "--output-dir", str(out)],
+           "max_length 100", "(64 tokens)", out=out)
+
+
+def test_console_script_exits_2_with_message(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "unipeft")
+    proc = subprocess.run([script, "train", "--method", "nope"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "unipeft train: error: unknown method 'nope'; known methods: lora"
+    assert proc.stdout == ""
