@@ -118,3 +118,25 @@ def test_import_is_lazy():
     code = "import sys, unipeft; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])  # Linear without bias, Conv1D, Linear with bias
+def test_lora_gradients_equal_plain_autograd_of_the_formula(family):
+    """The training path (one active adapter) must give the gradients of h = W x + b + s B A x."""
+    pm = get_peft_model(F.make_model(family, "CAUSAL_LM"), LoraConfig(r=4, lora_alpha=6, init_lora_weights=False))
+    pm.train()
+    layer = next(m for m in pm.modules() if isinstance(m, AdapterLayer))
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    W_out_in = W.T if type(layer.base_layer).__name__ == "Conv1D" else W
+    x = torch.randn(2, 5, W_out_in.shape[1], requires_grad=True)
+    out = layer(x)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, A, B), g)
+
+    A2, B2, x2 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    expected_out = x2 @ W_out_in.T + (0 if b is None else b) + (6 / 4) * (x2 @ A2.T @ B2.T)
+    want = torch.autograd.grad(expected_out, (x2, A2, B2), g)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    for name, a, e in zip(("x", "A", "B"), got, want):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=name)

@@ -93,6 +93,10 @@ class AdapterLayer(nn.Module):
         """result + delta; a method may fuse the addition into its last matmul."""
         return result + self.delta(name, x)
 
+    def fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """base_layer(x) + delta of the one active adapter in a single step, or None for the general path."""
+        return None
+
     # ---- bookkeeping ---------------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
@@ -122,8 +126,14 @@ class AdapterLayer(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         state = self.adapter_state
+        if not (state.disabled or args or kwargs) and state.routing is None and len(state.active) == 1:
+            name = state.active[0]  # the training case: one adapter, unmerged, no routing
+            if name in self.hparams and not self.merged_adapters:
+                fused = self.fused_forward(name, x)
+                if fused is not None:
+                    return fused
+        result = self.base_layer(x, *args, **kwargs)
         if state.disabled:
             return result
         if state.routing is not None:

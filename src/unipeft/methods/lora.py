@@ -81,6 +81,63 @@ def _is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def _plain_frozen_linear(module: nn.Module) -> bool:
+    """nn.Linear or Conv1D exactly, frozen, without hooks or a patched forward (accelerate's offload
+    hooks replace `forward` on the instance): its forward is one addmm that we may inline."""
+    if type(module) is not nn.Linear:
+        from transformers.pytorch_utils import Conv1D
+
+        if type(module) is not Conv1D:
+            return False
+    bias = module.bias
+    return not (module.weight.requires_grad or (bias is not None and bias.requires_grad)
+                or "forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
+class _LoraLinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T for a frozen base weight W, as one autograd node.
+
+    The same products as base_layer(x) followed by add_delta, with less traffic and fewer ops: the LoRA
+    term is added into the base output in place (no second output-sized tensor), the LoRA part of the
+    input gradient is added into the base part in place (no second input-sized tensor, no separate sum),
+    and the scaling rides on the GEMMs' alpha or on rank-sized results, never on a token-sized tensor.
+    Saved for backward: x, down = x A^T and the weights, as the unfused graph saves.
+    `transposed` marks GPT-2's Conv1D, whose weight is stored [in, out].
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_A, weight_B, scaling, transposed):
+        x2 = x.reshape(-1, x.shape[-1])
+        w_in_out = weight if transposed else weight.t()
+        out = torch.mm(x2, w_in_out) if bias is None else torch.addmm(bias, x2, w_in_out)
+        down = torch.mm(x2, weight_A.t())
+        out.addmm_(down, weight_B.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, weight_A, weight_B, down)
+        ctx.scaling, ctx.transposed = scaling, transposed
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x2, weight, weight_A, weight_B, down = ctx.saved_tensors
+        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        scaling = ctx.scaling
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_A = grad_B = None
+        if need_B:
+            grad_B = torch.mm(down.t(), g2).mul_(scaling).t()  # [r, out] is the faster layout for this product
+        if need_x or need_A:
+            grad_down = torch.mm(g2, weight_B)  # unscaled
+            if need_A:
+                grad_A = torch.mm(grad_down.t(), x2).mul_(scaling)
+            if need_x:
+                grad_x = torch.mm(g2, weight.t() if ctx.transposed else weight)
+                grad_x.addmm_(grad_down, weight_A, alpha=scaling)
+                grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
+        return grad_x, None, None, grad_A, grad_B, None, None
+
+
 class LoraLinear(AdapterLayer):
     @classmethod
     def make_parts(cls, base_layer, config: LoraConfig, module_name: str):
@@ -119,6 +176,18 @@ class LoraLinear(AdapterLayer):
         # One fused matmul-and-add instead of a separate output-sized addition.
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), down.reshape(-1, down.shape[-1]), weight_B.t())
         return flat.view(result.shape)
+
+    def fused_forward(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        base = self.base_layer
+        hp = self.hparams[name]
+        weight, bias = base.weight, base.bias
+        weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight
+        if (not _plain_frozen_linear(base) or (hp["dropout"] and self.training)
+                or not x.dtype == weight.dtype == weight_A.dtype == weight_B.dtype
+                or not x.device == weight.device == weight_A.device
+                or torch.is_autocast_enabled(x.device.type)):  # autocast picks dtypes per op: general path
+            return None
+        return _LoraLinearFunction.apply(x, weight, bias, weight_A, weight_B, hp["scaling"], hp["transposed"])
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
