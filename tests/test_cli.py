@@ -246,3 +246,18 @@ def test_console_script_exits_2_with_message(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "unipeft train: error: unknown method 'nope'; known methods: lora"
     assert proc.stdout == ""
+
+
+def test_readme_option_table_matches_the_parser():
+    """Every option the README's `unipeft train` table names exists, and every real option is listed."""
+    import re
+
+    from unipeft.cli import build_parser
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme.split("## Main job: `unipeft train`", 1)[1].split("\n## ", 1)[0]
+    table_rows = [line for line in section.splitlines() if line.startswith("| `--")]
+    documented = {opt for row in table_rows for opt in re.findall(r"`(--[a-z0-9-]+)`", row.split("|")[1])}
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    real = {s for a in train._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+    assert documented == real
