@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import families as F
-from unipeft import LoraConfig, PeftConfig, TaskType, get_peft_config, get_peft_model
+from unipeft import LoraConfig, PeftConfig, TargetError, TaskType, get_peft_config, get_peft_model
 from unipeft.engine.layers import AdapterLayer
 
 
@@ -48,11 +48,11 @@ def test_family_defaults_are_recorded_in_the_saved_config():
 
 
 def test_suffix_matching_is_by_whole_name_component():
-    # "dense" must match "...attention.output.dense" etc. but "query" must not match "query_proj"-like names.
+    # An entry matches a whole trailing name component: "query_proj" matches, a fragment like "uery" does not.
     pm = get_peft_model(F.make_model("deberta-v2", "FEATURE_EXTRACTION"), LoraConfig(target_modules=["query_proj"]))
     assert wrapped_names(pm) == [f"encoder.layer.{i}.attention.self.query_proj" for i in (0, 1)]
     model = F.make_model("bert", "FEATURE_EXTRACTION")
-    with pytest.raises(Exception, match="matched no module"):
+    with pytest.raises(TargetError, match="matched no module"):
         get_peft_model(model, LoraConfig(target_modules=["uery"]))
 
 
