@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .config import PeftConfig, TaskType, ConfigError
-from .engine.checkpoint import load_adapter_tensors, save_adapter
+from .engine.checkpoint import key_prefix, load_adapter_tensors, save_adapter
 from .engine.inject import AdapterModel
 from .engine.layers import AdapterError, AdapterLayer, named_part_tensors
 from .engine.sites import task_heads
@@ -125,9 +125,23 @@ class PeftModel(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return trainable, total
 
+    def get_nb_inference_parameters(self) -> tuple[int, int]:
+        """(trainable, total) once training-only parts (prefix MLP, P-tuning encoder) are folded away."""
+        trainable, total = self.get_nb_trainable_parameters()
+        for prompt in self.base_model.prompt_encoder.values():
+            training_only = sum(p.numel() for p in prompt.parameters()) - prompt.inference_numel()
+            total -= training_only
+            if any(p.requires_grad for p in prompt.parameters()):
+                trainable -= training_only
+        return trainable, total
+
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        kept, kept_total = self.get_nb_inference_parameters()
+        if kept_total != total:
+            line += f" || without training-only parts: {kept:,d} of {kept_total:,d} ({100 * kept / kept_total:.4f}%)"
+        print(line)
 
     # ---- running -------------------------------------------------------------------------------
     @contextmanager
@@ -182,7 +196,8 @@ class PeftModel(nn.Module):
 
     # ---- files ---------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, is_main_process: bool = True, **_compat_kwargs) -> None:
+                        safe_serialization: bool = True, is_main_process: bool = True, flat: bool = False,
+                        **_compat_kwargs) -> None:
         if not safe_serialization:
             raise ValueError("unipeft writes safetensors only; drop safe_serialization=False")
         names = list(selected_adapters or self.peft_config)
@@ -191,7 +206,13 @@ class PeftModel(nn.Module):
             return
         for name in names:
             directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
-            save_adapter(directory, self.peft_config[name].to_saved_json(), self.base_model.adapter_tensors(name))
+            training = {} if flat else self.base_model.training_tensors(name)
+            config = self.peft_config[name]
+            save_adapter(directory, config.to_saved_json(), self.base_model.adapter_tensors(name), training, key_prefix(config))
+
+    def export_flat(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Save the inference-only form Hugging Face PEFT reads: no reparameterisation networks."""
+        self.save_pretrained(save_directory, selected_adapters, flat=True)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -212,7 +233,7 @@ class PeftModel(nn.Module):
 def _read_adapter(model_id, config, is_trainable, allow_pickle, subfolder, hub_kwargs):
     config = config or PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
     config = dataclasses.replace(config, inference_mode=not is_trainable)
-    tensors, source = load_adapter_tensors(model_id, subfolder, allow_pickle, **hub_kwargs)
+    tensors, source = load_adapter_tensors(model_id, subfolder, allow_pickle, key_prefix(config), **hub_kwargs)
     return config, tensors, source
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 import enum
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 METHOD_MODULES: dict[str, str] = {
     "LORA": "unipeft.methods.lora",
+    "PROMPT_TUNING": "unipeft.methods.prompt",
+    "P_TUNING": "unipeft.methods.prompt",
+    "PREFIX_TUNING": "unipeft.methods.prefix",
 }
 
 PeftType = enum.Enum("PeftType", {name: name for name in METHOD_MODULES}, type=str)
@@ -23,10 +26,12 @@ class MethodSpec:
     peft_type: str
     config_cls: type
     # Returns the AdapterLayer subclass that wraps `module` for this config, or None if the
-    # method cannot attach to this kind of module.
-    layer_for: Callable
+    # method cannot attach to this kind of module. None for methods that add virtual inputs instead.
+    layer_for: Optional[Callable]
     prefix: str  # start of the parameter names this method adds ("lora_"), for readers and filters
     site_key: str  # which default-target list of the family site table the method uses
+    # For prompt methods: (model, resolved config) -> engine.virtual.VirtualInput holding its tensors
+    build_virtual: Optional[Callable] = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -2,7 +2,9 @@
 
     <dir>/adapter_config.json + <dir>/adapter_model.safetensors      adapter "default"
     <dir>/<name>/adapter_config.json + ...                           any other adapter
-Keys read `base_model.model.<module path>.<part>.<param>` with the adapter name removed.
+Keys read `base_model.model.<module path>.<part>.<param>` with the adapter name removed; prompt
+methods store `prompt_embeddings` at the top level. What the PEFT layout drops but training needs
+(reparameterisation networks) goes to `adapter_training_state.safetensors` beside it.
 """
 from __future__ import annotations
 
@@ -16,7 +18,13 @@ from safetensors.torch import save as safetensors_bytes
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+TRAINING_STATE_NAME = "adapter_training_state.safetensors"
 KEY_PREFIX = "base_model.model."
+PROMPT_KEY_PREFIX = "base_model."  # PEFT's prompt methods hold the model itself as `base_model`
+
+
+def key_prefix(config) -> str:
+    return PROMPT_KEY_PREFIX if getattr(config, "is_prompt_learning", False) else KEY_PREFIX
 
 
 class CheckpointError(OSError):
@@ -63,13 +71,25 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_files({path: text.encode("utf-8")})
 
 
-def save_adapter(directory: str, config_json: str, tensors: dict[str, torch.Tensor]) -> None:
+def _payload(tensors: dict[str, torch.Tensor], prefix: str) -> bytes:
+    data = {(prefix + k if "." in k else k): v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return safetensors_bytes(data, metadata={"format": "pt"})
+
+
+def save_adapter(directory: str, config_json: str, tensors: dict[str, torch.Tensor],
+                 training_tensors: dict[str, torch.Tensor] | None = None, prefix: str = KEY_PREFIX) -> None:
+    """Write one adapter; a training-state file is written with it, or a stale one removed."""
     os.makedirs(directory, exist_ok=True)
-    payload = {KEY_PREFIX + k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_files({
-        os.path.join(directory, WEIGHTS_NAME): safetensors_bytes(payload, metadata={"format": "pt"}),
+    files = {
+        os.path.join(directory, WEIGHTS_NAME): _payload(tensors, prefix),
         os.path.join(directory, "adapter_config.json"): config_json.encode("utf-8"),
-    })
+    }
+    training_file = os.path.join(directory, TRAINING_STATE_NAME)
+    if training_tensors:
+        files[training_file] = _payload(training_tensors, "")
+    atomic_write_files(files)
+    if not training_tensors and os.path.exists(training_file):
+        os.unlink(training_file)
 
 
 def resolve_file(path, filename: str, subfolder: str | None = None, **hub_kwargs) -> str:
@@ -92,7 +112,8 @@ def resolve_file(path, filename: str, subfolder: str | None = None, **hub_kwargs
         ) from None
 
 
-def load_adapter_tensors(path, subfolder: str | None = None, allow_pickle: bool = False, **hub_kwargs) -> tuple[dict[str, torch.Tensor], str]:
+def load_adapter_tensors(path, subfolder: str | None = None, allow_pickle: bool = False, prefix: str = KEY_PREFIX,
+                         **hub_kwargs) -> tuple[dict[str, torch.Tensor], str]:
     """The adapter tensors with the `base_model.model.` prefix removed, and the file they came from."""
     try:
         file = resolve_file(path, WEIGHTS_NAME, subfolder, **hub_kwargs)
@@ -106,11 +127,17 @@ def load_adapter_tensors(path, subfolder: str | None = None, allow_pickle: bool 
                 ) from None
             raise
         file = resolve_file(path, PICKLE_WEIGHTS_NAME, subfolder, **hub_kwargs)
+    tensors = _read_tensors(file)
+    training_file = os.path.join(os.path.dirname(file), TRAINING_STATE_NAME)
+    if os.path.isfile(training_file):
+        tensors.update(_read_tensors(training_file))
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in tensors.items()}, file
+
+
+def _read_tensors(file: str) -> dict[str, torch.Tensor]:
     try:
         if file.endswith(".bin"):
-            tensors = torch.load(file, map_location="cpu", weights_only=True)
-        else:
-            tensors = load_file(file)
+            return torch.load(file, map_location="cpu", weights_only=True)
+        return load_file(file)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"adapter weights file {file} is corrupt or truncated: {exc}") from None
-    return {k[len(KEY_PREFIX):] if k.startswith(KEY_PREFIX) else k: v for k, v in tensors.items()}, file

@@ -22,6 +22,7 @@ from .layers import (
 )
 from .sites import default_targets
 from .targeting import TargetError, find_targets, logical_modules, name_matches
+from .virtual import VirtualInput, VirtualInputs
 
 
 class CheckpointMismatchError(ValueError):
@@ -43,6 +44,7 @@ class AdapterPlan:
     layers: list[PlannedLayer] = field(default_factory=list)
     heads: dict[str, nn.Module] = field(default_factory=dict)
     target_modules: Any = None
+    virtual: VirtualInput | None = None  # prompt methods: the virtual tokens or prefix
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Checkpoint key (without the `base_model.model.` prefix) -> the new tensor it fills."""
@@ -68,6 +70,8 @@ class AdapterModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, Any] = {}
         self.adapter_state = AdapterState()
+        self.prompt_encoder = nn.ModuleDict()  # prompt adapters by name (HF PEFT's attribute name)
+        self.virtual_inputs: VirtualInputs | None = None
         self.add_adapter(adapter_name, config, state_dict, source)
 
     def forward(self, *args, **kwargs):
@@ -80,11 +84,16 @@ class AdapterModel(nn.Module):
         if name in self.peft_config:
             raise AdapterError(f"adapter {name!r} already exists; delete_adapter({name!r}) first or choose another name")
         spec = get_method(config.peft_type)
+        if spec.build_virtual is not None:
+            config = config.resolved(self.model)
         plan = AdapterPlan(name, config)
         head_specs = list(getattr(config, "modules_to_save", None) or [])
         for module_name, module in logical_modules(self.model):
             if name_matches(module_name, head_specs) and not any(module_name.startswith(h + ".") for h in plan.heads):
                 plan.heads[module_name] = copy.deepcopy(module).requires_grad_(True)
+        if spec.build_virtual is not None:
+            plan.virtual = spec.build_virtual(self.model, config).to(self._model_device())
+            return plan
         plan.target_modules = targets = config.target_modules or default_targets(self.model, spec.site_key)
         for module_name in find_targets(
             self.model, targets, exclude_modules=getattr(config, "exclude_modules", None),
@@ -109,6 +118,9 @@ class AdapterModel(nn.Module):
         """Check a checkpoint against the plan and copy it in. Returns base tensors (trained biases,
         embeddings HF PEFT saved) to load after apply."""
         expected = plan.tensors()
+        if plan.virtual is not None:
+            plan.virtual.load_tensors(tensors, source)
+            tensors = {k: v for k, v in tensors.items() if "." in k and not k.startswith("prompt_encoder.")}
         base_tensors = {}
         for key, value in tensors.items():
             target = expected.get(key)
@@ -149,6 +161,9 @@ class AdapterModel(nn.Module):
                 return True
         return False
 
+    def _model_device(self) -> torch.device:
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
     def _base_parameter(self, key: str) -> torch.Tensor | None:
         logical = key.replace(".base_layer.", ".")
         for name, param in self.named_base_parameters():
@@ -169,7 +184,11 @@ class AdapterModel(nn.Module):
                 module = ModulesToSaveWrapper(module, self.adapter_state)
                 self.model.set_submodule(module_name, module)
             module.add_adapter(plan.name, head)
-        if plan.config.target_modules is None:  # record the family default, as PEFT does
+        if plan.virtual is not None:
+            self.prompt_encoder[plan.name] = plan.virtual
+            if self.virtual_inputs is None:
+                self.virtual_inputs = VirtualInputs(self.model, self.adapter_state, self.prompt_encoder)
+        elif plan.config.target_modules is None:  # record the family default, as PEFT does
             plan.config.target_modules = list(plan.target_modules)
         self.peft_config[plan.name] = plan.config
 
@@ -199,6 +218,8 @@ class AdapterModel(nn.Module):
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Everything adapter `name` owns, keyed as in the checkpoint (adapter name stripped)."""
         out: dict[str, torch.Tensor] = {}
+        if name in self.prompt_encoder:
+            out.update(self.prompt_encoder[name].checkpoint_tensors())
         bias = getattr(self.peft_config[name], "bias", "none")
         for module_name, module in self.adapter_layers():
             if isinstance(module, AdapterLayer) and name in module.hparams:
@@ -213,9 +234,22 @@ class AdapterModel(nn.Module):
             out.update({n: p for n, p in self.named_base_parameters() if n.endswith("bias")})
         return out
 
+    def training_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """What adapter `name` needs beyond its checkpoint to resume training (reparameterisation networks)."""
+        return self.prompt_encoder[name].training_tensors() if name in self.prompt_encoder else {}
+
+    def trainable_tensors(self, name: str) -> list[torch.Tensor]:
+        tensors = list(self.adapter_tensors(name).values())
+        if name in self.prompt_encoder:
+            tensors += list(self.prompt_encoder[name].parameters())
+        return tensors
+
     def set_adapter(self, names) -> None:
         names = [names] if isinstance(names, str) else list(names)
         self.check_names(names)
+        prompts = [n for n in names if n in self.prompt_encoder]
+        if len(prompts) > 1:
+            raise AdapterError(f"only one prompt-based adapter can be active at a time, got {prompts}")
         self.adapter_state.active = names
         self.refresh_trainable()
 
@@ -226,11 +260,11 @@ class AdapterModel(nn.Module):
             raise AdapterError(f"unknown adapter name(s) {unknown}; this model has {sorted(self.peft_config)}")
 
     def refresh_trainable(self) -> None:
-        for param in self.model.parameters():
+        for param in self.parameters():
             param.requires_grad_(False)
         for name in self.adapter_state.active:
             if not self.peft_config[name].inference_mode:
-                for tensor in self.adapter_tensors(name).values():
+                for tensor in self.trainable_tensors(name):
                     if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
                         tensor.requires_grad_(True)
 
@@ -266,6 +300,12 @@ class AdapterModel(nn.Module):
     def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
         names = list(adapter_names or self.adapter_state.active)
         self.check_names(names)
+        prompts = [n for n in names if n in self.prompt_encoder]
+        if prompts:
+            raise AdapterError(
+                f"prompt-based adapters {prompts} cannot be merged into the weights: their virtual tokens are extra "
+                f"inputs, not a weight change; keep the PeftModel (or unload() to drop them)"
+            )
         layers = [(n, m) for n, m in self.adapter_layers() if isinstance(m, AdapterLayer)]
         if safe_merge:  # check every layer first so a refusal leaves the base untouched
             for module_name, layer in layers:
@@ -293,7 +333,15 @@ class AdapterModel(nn.Module):
                 self.model.set_submodule(module_name, module.modules_to_save[chosen] if chosen else module.original_module)
         self.peft_config.clear()
         self.adapter_state.active = []
+        self._drop_prompts(list(self.prompt_encoder))
         return self.model
+
+    def _drop_prompts(self, names: list[str]) -> None:
+        for name in names:
+            del self.prompt_encoder[name]
+        if not len(self.prompt_encoder) and self.virtual_inputs is not None:
+            self.virtual_inputs.remove()
+            self.virtual_inputs = None
 
     def delete_adapter(self, name: str) -> None:
         self.check_names([name])
@@ -303,6 +351,7 @@ class AdapterModel(nn.Module):
                 inner = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
                 self.model.set_submodule(module_name, inner)
         del self.peft_config[name]
+        self._drop_prompts([name] if name in self.prompt_encoder else [])
         state = self.adapter_state
         state.active = [n for n in state.active if n != name] or list(self.peft_config)[:1]
         self.refresh_trainable()

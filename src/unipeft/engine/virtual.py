@@ -1,0 +1,363 @@
+"""Virtual tokens and prefixes, written once for every prompt-based method.
+
+A prompt method adds `t` positions the user never sees: learned input vectors ("tokens": prompt
+tuning, P-tuning, IDPG) or learned attention keys/values ("prefix": prefix tuning). We attach one
+forward pre-hook and one forward hook to stock transformers modules (never replacing `forward` or
+`generate`), and map the user's sequence to the model's internal one at each call:
+
+- decoder-only and encoder-only models: hooks on the body (`model.base_model`). On the first call of a
+  sequence, the tokens are prepended to the input embeddings (or the prefix is put in the cache); the
+  attention mask, position ids and token type ids grow by `t`; the body's output drops the `t` virtual
+  positions again, so logits and hidden states stay aligned with the user's tokens (labels need no
+  padding). Later calls with a cache that already holds the virtual positions only extend the mask
+  and shift positions, so `generate()` works with and without cache and with any search.
+- encoder-decoder models: tokens are prepended in the encoder (whose output keeps them, for cross
+  attention; the decoder's encoder mask grows to match); the prefix goes to decoder self-attention,
+  as Hugging Face PEFT does.
+
+During training the prefix lives in a cache whose `update` never stores, so gradient checkpointing can
+recompute a layer without the prefix growing.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .layers import AdapterError, AdapterState
+
+TOKENS, PREFIX = "tokens", "prefix"
+_TAG = "unipeft_virtual_tokens"  # set on a cache whose first positions are virtual
+
+
+class VirtualInput(nn.Module):
+    """What a prompt method supplies: its kind, its length and the tensors to insert."""
+
+    kind: str = TOKENS
+    num_virtual: int = 0
+
+    def tokens(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """[1 or B, t, d] vectors prepended to the input embeddings (kind TOKENS)."""
+        raise NotImplementedError
+
+    def prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (key, value), each [1, kv_heads, t, head_dim] (kind PREFIX)."""
+        raise NotImplementedError
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The inference form in Hugging Face PEFT's layout (`prompt_embeddings`)."""
+        raise NotImplementedError
+
+    def training_tensors(self) -> dict[str, torch.Tensor]:
+        """What the inference form loses and training needs to resume (reparameterisation networks)."""
+        return {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        raise NotImplementedError
+
+    def inference_numel(self) -> int:
+        """Parameters still needed after training (the training-only networks folded away)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+@functools.cache
+def _frozen_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class FrozenPrefixLayer(DynamicLayer):
+        """A cache layer that prepends a fixed prefix and stores nothing: idempotent under recomputation."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if self.keys is None:
+                return key_states, value_states
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+        def get_seq_length(self) -> int:
+            return 0 if self.keys is None else self.keys.shape[-2]
+
+    return FrozenPrefixLayer
+
+
+def _frozen_prefix_layer(keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+    layer = _frozen_layer_class()()
+    layer.keys, layer.values, layer.is_initialized = keys, values, True
+    return layer
+
+
+class _NeverUpdated(dict):
+    """`is_updated` of a training cross-attention cache: always recompute, never remember."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def get(self, key, default=None):
+        return False
+
+
+def _frozen_cache(prefix, encoder_decoder: bool):
+    from transformers.cache_utils import Cache, EncoderDecoderCache
+
+    self_cache = Cache(layers=[_frozen_prefix_layer(k, v) for k, v in prefix])
+    if not encoder_decoder:
+        return self_cache
+    cache = EncoderDecoderCache(self_cache, Cache(layers=[_frozen_prefix_layer() for _ in prefix]))
+    cache.is_updated = _NeverUpdated()
+    return cache
+
+
+def _fill_cache(cache, prefix) -> None:
+    from transformers.cache_utils import EncoderDecoderCache
+
+    target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    for layer_idx, (key, value) in enumerate(prefix):
+        target.update(key, value, layer_idx)
+
+
+def expand_rows(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """[1 or b, ...] -> [batch, ...]; a batch k times longer repeats each row k times (beam search)."""
+    rows = tensor.shape[0]
+    if rows == batch:
+        return tensor
+    if rows == 1:
+        return tensor.expand(batch, *tensor.shape[1:])
+    if batch % rows:
+        raise AdapterError(f"virtual tokens were made for {rows} rows but the model saw a batch of {batch}")
+    return tensor.repeat_interleave(batch // rows, dim=0)
+
+
+def _prepend(kwargs: dict, key: str, count: int, value) -> None:
+    tensor = kwargs.get(key)
+    if tensor is None or tensor.dim() != 2:
+        return
+    pad = torch.full((tensor.shape[0], count), value, dtype=tensor.dtype, device=tensor.device)
+    kwargs[key] = torch.cat([pad, tensor], dim=1)
+
+
+def _shift_positions(kwargs: dict, key: str, count: int, include_virtual: bool) -> None:
+    """Real tokens move `count` positions on; with include_virtual the virtual ones take 0..count-1."""
+    position_ids = kwargs.get(key)
+    if position_ids is None:
+        return
+    shifted = position_ids + count
+    if include_virtual:
+        virtual = torch.arange(count, dtype=position_ids.dtype, device=position_ids.device)
+        shifted = torch.cat([virtual.expand(*position_ids.shape[:-1], count), shifted], dim=-1)
+    kwargs[key] = shifted
+
+
+class _CallKwargs:
+    """Positional arguments of a module call turned into keywords, and back."""
+
+    def __init__(self, module: nn.Module):
+        self.signature = inspect.signature(module.forward)
+
+    def to_kwargs(self, args: tuple, kwargs: dict) -> dict:
+        if not args:
+            return dict(kwargs)
+        bound = self.signature.bind_partial(*args, **kwargs)
+        out = {}
+        for name, value in bound.arguments.items():
+            if self.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                out.update(value)
+            else:
+                out[name] = value
+        return out
+
+
+class VirtualInputs:
+    """The hooks that insert the active prompt adapter's virtual positions into a model's calls."""
+
+    def __init__(self, model: nn.Module, state: AdapterState, prompts: nn.ModuleDict) -> None:
+        self.model = model
+        self.state = state
+        self.prompts = prompts
+        self.pinned: dict[str, torch.Tensor] = {}  # per-input tokens fixed for one generate() call
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self._handles = []
+        self._sliced: list[int] = []
+        if self.encoder_decoder:
+            self._hook(model.get_encoder(), self._before_encoder, None)
+            self._hook(model.get_decoder(), self._before_decoder, None)
+        else:
+            self._hook(body_of(model), self._before_body, self._after_body)
+
+    def _hook(self, module: nn.Module, before, after) -> None:
+        names = _CallKwargs(module)
+        self._handles.append(module.register_forward_pre_hook(
+            lambda m, args, kwargs: ((), before(m, names.to_kwargs(args, kwargs))), with_kwargs=True))
+        if after is not None:
+            self._handles.append(module.register_forward_hook(after, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # ---- which adapter ---------------------------------------------------------------------------
+    def active(self) -> tuple[str, VirtualInput] | None:
+        state = self.state
+        if state.disabled:
+            return None
+        names = [n for n in state.active if n in self.prompts]
+        if not names:
+            return None
+        if state.routing is not None:
+            raise AdapterError(
+                "prompt-based adapters cannot be mixed in one batch (adapter_names): their virtual tokens change "
+                "the sequence length; run one adapter per batch"
+            )
+        return names[0], self.prompts[names[0]]
+
+    def _tokens(self, name: str, prompt: VirtualInput, kwargs: dict) -> torch.Tensor:
+        return self.pinned[name] if name in self.pinned else prompt.tokens(kwargs)
+
+    # ---- decoder-only and encoder-only bodies --------------------------------------------------
+    def _before_body(self, module: nn.Module, kwargs: dict) -> dict:
+        found = self.active()
+        count = 0
+        if found is not None:
+            name, prompt = found
+            kwargs, count = self._insert(module, name, prompt, kwargs, cache_key="past_key_values",
+                                         mask_key="attention_mask", position_key="position_ids")
+        self._sliced.append(count if found is not None and found[1].kind == TOKENS else 0)
+        return kwargs
+
+    def _after_body(self, module, args, output):
+        count = self._sliced.pop() if self._sliced else 0
+        if not count or output is None:
+            return output
+        if isinstance(output, tuple):
+            return (output[0][:, count:],) + tuple(output[1:])
+        output.last_hidden_state = output.last_hidden_state[:, count:]
+        if getattr(output, "hidden_states", None) is not None:
+            output.hidden_states = tuple(h[:, count:] for h in output.hidden_states)
+        return output
+
+    def _insert(self, module, name, prompt, kwargs, cache_key, mask_key, position_key):
+        count = prompt.num_virtual
+        cache = kwargs.get(cache_key)
+        seen = cache.get_seq_length() if cache is not None else 0
+        if seen:  # a continuing call: the cache already holds the virtual positions
+            if getattr(cache, _TAG, None) != count:
+                raise AdapterError(
+                    f"past_key_values was not produced with prompt adapter {name!r} active; start from an empty "
+                    f"cache (or none) so its {count} virtual positions are added first"
+                )
+            _prepend(kwargs, mask_key, count, 1)
+            _shift_positions(kwargs, position_key, count, include_virtual=False)
+            return kwargs, 0
+        if prompt.kind == TOKENS:
+            kwargs = self._prepend_tokens(module, name, prompt, kwargs)
+            _shift_positions(kwargs, position_key, count, include_virtual=True)
+            if cache is not None:
+                setattr(cache, _TAG, count)
+        else:
+            kwargs[cache_key] = self._prefix_cache(module, prompt, kwargs, cache)
+            _shift_positions(kwargs, position_key, count, include_virtual=False)
+        _prepend(kwargs, mask_key, count, 1)
+        return kwargs, count
+
+    def _prepend_tokens(self, module, name, prompt, kwargs) -> dict:
+        ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            if ids is None:
+                raise AdapterError("prompt-based adapters need input_ids or inputs_embeds")
+            embeds = _input_embeddings(module)(ids)
+        tokens = expand_rows(self._tokens(name, prompt, {"input_ids": ids, **kwargs}), embeds.shape[0])
+        kwargs["inputs_embeds"] = torch.cat([tokens.to(embeds.dtype), embeds], dim=1)
+        _prepend(kwargs, "token_type_ids", prompt.num_virtual, 0)
+        return kwargs
+
+    def _prefix_cache(self, module, prompt, kwargs, cache):
+        batch = _batch_size(kwargs)
+        dtype = _compute_dtype(module)
+        prefix = [(expand_rows(k, batch).to(dtype), expand_rows(v, batch).to(dtype)) for k, v in prompt.prefix()]
+        use_cache = kwargs.get("use_cache")
+        use_cache = getattr(self.model.config, "use_cache", False) if use_cache is None else use_cache
+        if cache is None and use_cache and not module.training:
+            cache = _empty_cache(self.model, self.encoder_decoder)
+        if cache is None:
+            return _frozen_cache(prefix, self.encoder_decoder)
+        _fill_cache(cache, prefix)
+        setattr(cache, _TAG, prompt.num_virtual)
+        return cache
+
+    # ---- encoder-decoder -------------------------------------------------------------------------
+    def _before_encoder(self, module, kwargs: dict) -> dict:
+        found = self.active()
+        if found is not None and found[1].kind == TOKENS:
+            name, prompt = found
+            kwargs = self._prepend_tokens(module, name, prompt, kwargs)
+            _prepend(kwargs, "attention_mask", prompt.num_virtual, 1)
+        return kwargs
+
+    def _before_decoder(self, module, kwargs: dict) -> dict:
+        found = self.active()
+        if found is None:
+            return kwargs
+        name, prompt = found
+        if prompt.kind == TOKENS:
+            mask, states = kwargs.get("encoder_attention_mask"), kwargs.get("encoder_hidden_states")
+            if mask is not None and states is not None and states.shape[1] == mask.shape[1] + prompt.num_virtual:
+                _prepend(kwargs, "encoder_attention_mask", prompt.num_virtual, 1)
+            return kwargs
+        kwargs, _ = self._insert(module, name, prompt, kwargs, cache_key="past_key_values",
+                                 mask_key="attention_mask", position_key="position_ids")
+        return kwargs
+
+
+def _input_embeddings(module: nn.Module) -> nn.Module:
+    embed = getattr(module, "embed_tokens", None)
+    return embed if embed is not None else module.get_input_embeddings()
+
+
+def _batch_size(kwargs: dict) -> int:
+    for key in ("input_ids", "inputs_embeds", "hidden_states"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[0]
+    raise AdapterError("cannot tell the batch size of this call: pass input_ids or inputs_embeds")
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _empty_cache(model: nn.Module, encoder_decoder: bool):
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    if encoder_decoder:
+        return EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
+    return DynamicCache(config=model.config)
+
+
+def _accepts(module: nn.Module, *names: str) -> bool:
+    parameters = inspect.signature(module.forward).parameters
+    return all(name in parameters for name in names)
+
+
+def body_of(model: nn.Module) -> nn.Module:
+    """The module that turns token ids into hidden states: the innermost one on the path to the input
+    embeddings whose forward takes `inputs_embeds` and `attention_mask` (e.g. OPT's decoder, which its
+    causal-LM class calls directly, or BERT's `bert`)."""
+    embeddings = model.get_input_embeddings()
+    path = next((name for name, module in model.named_modules() if module is embeddings), None)
+    if path:
+        parts = path.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            module = model.get_submodule(".".join(parts[:depth]))
+            if _accepts(module, "inputs_embeds", "attention_mask"):
+                return module
+    return getattr(model, "base_model", model)
+
+
+def supports_cache(model: nn.Module) -> bool:
+    """Whether the model's attention reads keys/values from `past_key_values` (prefix tuning needs it)."""
+    module = model.get_decoder() if getattr(model.config, "is_encoder_decoder", False) else body_of(model)
+    return _accepts(module, "past_key_values")
