@@ -16,6 +16,7 @@ _EXPORTS = {
     "PromptTuningConfig": "methods.prompt", "PromptEncoderConfig": "methods.prompt", "PromptTuningInit": "methods.prompt",
     "PromptEncoderReparameterizationType": "methods.prompt", "PromptLearningConfig": "methods.prompt",
     "PrefixTuningConfig": "methods.prefix",
+    "IDPGConfig": "methods.idpg",
     "PeftModel": "peft_model", "get_peft_model": "peft_model",
     "PeftModelForSequenceClassification": "peft_model", "PeftModelForCausalLM": "peft_model",
     "PeftModelForSeq2SeqLM": "peft_model", "PeftModelForTokenClassification": "peft_model",

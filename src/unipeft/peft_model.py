@@ -158,8 +158,26 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
-        with self._routing(adapter_names, args, kwargs):
+        with self._routing(adapter_names, args, kwargs), self._pinned_prompts(args, kwargs):
             return self.get_base_model().generate(*args, **kwargs)
+
+    @contextmanager
+    def _pinned_prompts(self, args, kwargs):
+        """Instance-dependent prompts (IDPG) come from the input, not from the tokens generated so far."""
+        virtual = self.base_model.virtual_inputs
+        found = virtual.active() if virtual is not None else None
+        if found is None or not found[1].per_instance:
+            yield
+            return
+        name, prompt = found
+        inputs = {"input_ids": kwargs.get("input_ids", args[0] if args else None),
+                  "attention_mask": kwargs.get("attention_mask"), "inputs_embeds": kwargs.get("inputs_embeds")}
+        with torch.no_grad():
+            virtual.pinned[name] = prompt.tokens(inputs)
+        try:
+            yield
+        finally:
+            virtual.pinned.pop(name, None)
 
     @contextmanager
     def disable_adapter(self):

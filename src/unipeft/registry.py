@@ -15,6 +15,7 @@ METHOD_MODULES: dict[str, str] = {
     "PROMPT_TUNING": "unipeft.methods.prompt",
     "P_TUNING": "unipeft.methods.prompt",
     "PREFIX_TUNING": "unipeft.methods.prefix",
+    "IDPG": "unipeft.methods.idpg",
 }
 
 PeftType = enum.Enum("PeftType", {name: name for name in METHOD_MODULES}, type=str)

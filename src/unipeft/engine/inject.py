@@ -92,7 +92,7 @@ class AdapterModel(nn.Module):
             if name_matches(module_name, head_specs) and not any(module_name.startswith(h + ".") for h in plan.heads):
                 plan.heads[module_name] = copy.deepcopy(module).requires_grad_(True)
         if spec.build_virtual is not None:
-            plan.virtual = spec.build_virtual(self.model, config).to(self._model_device())
+            plan.virtual = spec.build_virtual(self.model, config).to(*self._model_device_dtype())
             return plan
         plan.target_modules = targets = config.target_modules or default_targets(self.model, spec.site_key)
         for module_name in find_targets(
@@ -161,8 +161,10 @@ class AdapterModel(nn.Module):
                 return True
         return False
 
-    def _model_device(self) -> torch.device:
-        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+    def _model_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Where new adapter tensors go and their dtype: those of the base weights."""
+        param = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
 
     def _base_parameter(self, key: str) -> torch.Tensor | None:
         logical = key.replace(".base_layer.", ".")

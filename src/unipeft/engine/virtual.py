@@ -5,12 +5,14 @@ tuning, P-tuning, IDPG) or learned attention keys/values ("prefix": prefix tunin
 forward pre-hook and one forward hook to stock transformers modules (never replacing `forward` or
 `generate`), and map the user's sequence to the model's internal one at each call:
 
-- decoder-only and encoder-only models: hooks on the body (`model.base_model`). On the first call of a
+- decoder-only and encoder-only models: hooks on the body (see `body_of`). On the first call of a
   sequence, the tokens are prepended to the input embeddings (or the prefix is put in the cache); the
-  attention mask, position ids and token type ids grow by `t`; the body's output drops the `t` virtual
-  positions again, so logits and hidden states stay aligned with the user's tokens (labels need no
-  padding). Later calls with a cache that already holds the virtual positions only extend the mask
-  and shift positions, so `generate()` works with and without cache and with any search.
+  attention mask, position ids and token type ids grow by `t`. Classifiers and feature extractors get
+  the body output without the `t` virtual positions, so their outputs align with the user's tokens.
+  Language-model heads keep them, as in Hugging Face PEFT, because the last virtual position predicts
+  the first real token: their token labels are padded with -100 for the virtual positions. Later
+  calls with a cache that already holds the virtual positions only extend the mask and shift
+  positions, so `generate()` works with and without cache and with any search.
 - encoder-decoder models: tokens are prepended in the encoder (whose output keeps them, for cross
   attention; the decoder's encoder mask grows to match); the prefix goes to decoder self-attention,
   as Hugging Face PEFT does.
@@ -38,6 +40,7 @@ class VirtualInput(nn.Module):
 
     kind: str = TOKENS
     num_virtual: int = 0
+    per_instance = False  # tokens depend on the input (IDPG): generate() computes them once per call
 
     def tokens(self, inputs: dict[str, Any]) -> torch.Tensor:
         """[1 or B, t, d] vectors prepended to the input embeddings (kind TOKENS)."""
@@ -176,13 +179,17 @@ class VirtualInputs:
         self.prompts = prompts
         self.pinned: dict[str, torch.Tensor] = {}  # per-input tokens fixed for one generate() call
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.lm_head = not self.encoder_decoder and model.get_output_embeddings() is not None
         self._handles = []
         self._sliced: list[int] = []
+        self._limits: dict[int, int | None] = {}
         if self.encoder_decoder:
             self._hook(model.get_encoder(), self._before_encoder, None)
             self._hook(model.get_decoder(), self._before_decoder, None)
         else:
-            self._hook(body_of(model), self._before_body, self._after_body)
+            self._hook(body_of(model), self._before_body, None if self.lm_head else self._after_body)
+            if self.lm_head:
+                self._hook(model, self._pad_labels, None)
 
     def _hook(self, module: nn.Module, before, after) -> None:
         names = _CallKwargs(module)
@@ -222,7 +229,15 @@ class VirtualInputs:
             name, prompt = found
             kwargs, count = self._insert(module, name, prompt, kwargs, cache_key="past_key_values",
                                          mask_key="attention_mask", position_key="position_ids")
-        self._sliced.append(count if found is not None and found[1].kind == TOKENS else 0)
+        if not self.lm_head:
+            self._sliced.append(count if found is not None and found[1].kind == TOKENS else 0)
+        return kwargs
+
+    def _pad_labels(self, module, kwargs: dict) -> dict:
+        found = self.active()
+        cache = kwargs.get("past_key_values")
+        if found is not None and found[1].kind == TOKENS and (cache is None or not cache.get_seq_length()):
+            _prepend(kwargs, "labels", found[1].num_virtual, -100)
         return kwargs
 
     def _after_body(self, module, args, output):
@@ -249,6 +264,7 @@ class VirtualInputs:
             _prepend(kwargs, mask_key, count, 1)
             _shift_positions(kwargs, position_key, count, include_virtual=False)
             return kwargs, 0
+        self._check_length(module, kwargs, count)
         if prompt.kind == TOKENS:
             kwargs = self._prepend_tokens(module, name, prompt, kwargs)
             _shift_positions(kwargs, position_key, count, include_virtual=True)
@@ -280,17 +296,32 @@ class VirtualInputs:
         use_cache = getattr(self.model.config, "use_cache", False) if use_cache is None else use_cache
         if cache is None and use_cache and not module.training:
             cache = _empty_cache(self.model, self.encoder_decoder)
-        if cache is None:
-            return _frozen_cache(prefix, self.encoder_decoder)
-        _fill_cache(cache, prefix)
+        if cache is None:  # a later call may pass it back with the whole sequence again (generate without cache)
+            cache = _frozen_cache(prefix, self.encoder_decoder)
+        else:
+            _fill_cache(cache, prefix)
         setattr(cache, _TAG, prompt.num_virtual)
         return cache
+
+    def _check_length(self, module: nn.Module, kwargs: dict, count: int) -> None:
+        """Refuse inputs that no longer fit a learned position table once the virtual tokens are added."""
+        key = id(module)
+        if key not in self._limits:
+            self._limits[key] = position_limit(module)
+        limit = self._limits[key]
+        length = _sequence_length(kwargs)
+        if limit is not None and length is not None and length + count > limit:
+            raise AdapterError(
+                f"the input has {length} tokens and the prompt adapter adds {count} virtual positions, more than the "
+                f"model's {limit} positions; truncate inputs to at most {limit - count} tokens"
+            )
 
     # ---- encoder-decoder -------------------------------------------------------------------------
     def _before_encoder(self, module, kwargs: dict) -> dict:
         found = self.active()
         if found is not None and found[1].kind == TOKENS:
             name, prompt = found
+            self._check_length(module, kwargs, prompt.num_virtual)
             kwargs = self._prepend_tokens(module, name, prompt, kwargs)
             _prepend(kwargs, "attention_mask", prompt.num_virtual, 1)
         return kwargs
@@ -313,6 +344,23 @@ class VirtualInputs:
 def _input_embeddings(module: nn.Module) -> nn.Module:
     embed = getattr(module, "embed_tokens", None)
     return embed if embed is not None else module.get_input_embeddings()
+
+
+def position_limit(module: nn.Module) -> int | None:
+    """How many positions a learned absolute position table allows (None for relative or rotary ones)."""
+    limits = []
+    for name, child in module.named_modules():
+        if isinstance(child, nn.Embedding) and name.split(".")[-1] in ("wpe", "position_embeddings", "embed_positions"):
+            offset = getattr(child, "offset", 0) or ((child.padding_idx + 1) if child.padding_idx is not None else 0)
+            limits.append(child.num_embeddings - offset)
+    return min(limits) if limits else None
+
+
+def _sequence_length(kwargs: dict) -> int | None:
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return kwargs[key].shape[1]
+    return None
 
 
 def _batch_size(kwargs: dict) -> int:

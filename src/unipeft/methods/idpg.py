@@ -1,0 +1,294 @@
+"""IDPG: instance-dependent prompt generation (Wu et al., 2022, arXiv:2204.04497).
+
+Prompt tuning learns one prompt for every input; IDPG generates the prompt from the input. A frozen
+sentence encoder turns the input into one vector (its hidden states averaged over the attention mask) and
+a small generator maps that vector to the `t` virtual tokens:
+
+    dropout -> Linear(d_enc -> m) -> GELU -> dropout -> Linear(m -> t * d_model)
+
+The encoder is the base model itself by default (`"self"`: one extra frozen pass with every adapter off)
+or a Hugging Face model that shares the base model's tokenizer (it reads the same `input_ids`). Options
+from the paper: `phm_dim` makes both Linear layers PHM layers (W = sum_i A_i ⊗ B_i); `learn_encoder_prompt`
+("PG") also learns `t` vectors prepended to the encoder's input. M-IDPG is not supported (see
+`IDPGConfig.multi_layer`).
+
+The whole generator is needed at inference, so it is the checkpoint, under `prompt_encoder.*` keys (which
+the engine hands to `load_tensors` alone). The sentence encoder is never saved: it is the base model, or it
+is loaded again from `sentence_encoder`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError
+from ..engine.inject import CheckpointMismatchError
+from ..engine.layers import AdapterError, AdapterState
+from ..engine.virtual import TOKENS, VirtualInput, _accepts, body_of
+from ..registry import MethodSpec, register_method
+from .prompt import PromptLearningConfig, _model_dim
+
+SELF = "self"
+KEY_PREFIX = "prompt_encoder."
+
+
+@dataclass
+class IDPGConfig(PromptLearningConfig):
+    peft_type: Optional[str] = "IDPG"
+    generator_hidden_size: int = 384
+    generator_dropout: float = 0.1
+    # "self" (the base model, adapters off) or a Hugging Face model name or local path for AutoModel
+    sentence_encoder: str = SELF
+    sentence_encoder_hidden_size: Optional[int] = None  # checked against the encoder when given
+    phm_dim: Optional[int] = None
+    # M-IDPG (per-layer prompts) needs the engine to tell a prompt each time it inserts its tokens, which it
+    # does not yet; the field exists so configs that name it fail clearly instead of training plain IDPG.
+    multi_layer: bool = False
+    learn_encoder_prompt: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.generator_hidden_size <= 0:
+            raise ConfigError(f"IDPGConfig.generator_hidden_size must be positive, got {self.generator_hidden_size}")
+        if not 0 <= self.generator_dropout < 1:
+            raise ConfigError(f"IDPGConfig.generator_dropout must be in [0, 1), got {self.generator_dropout}")
+        if not self.sentence_encoder:
+            raise ConfigError("IDPGConfig.sentence_encoder must be 'self' or a model name or path, got an empty string")
+        for name in ("sentence_encoder_hidden_size", "phm_dim"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"IDPGConfig.{name} must be a positive number or None, got {value}")
+        if self.multi_layer:
+            raise ConfigError(
+                "IDPGConfig.multi_layer (M-IDPG) is not supported yet: per-layer prompts must be re-inserted at every "
+                "call that adds the virtual tokens, and the engine does not tell prompt methods when that happens; "
+                "use multi_layer=False"
+            )
+
+
+class PHMLinear(nn.Module):
+    """A Linear layer with a parameterised hypercomplex multiplication weight (Zhang et al., 2021):
+    W = sum_i A_i ⊗ B_i, with A_i [n, n] (`rule`) and B_i [out/n, in/n] (`factors`), so it holds
+    n^3 + in*out/n weights instead of in*out."""
+
+    def __init__(self, in_features: int, out_features: int, n: int) -> None:
+        super().__init__()
+        self.rule = nn.Parameter(torch.empty(n, n, n))
+        self.factors = nn.Parameter(torch.empty(n, out_features // n, in_features // n))
+        self.bias = nn.Parameter(torch.empty(out_features))
+        # Var(W) = n Var(A) Var(B): with std(A) = 1/n this matches nn.Linear's default initialisation.
+        nn.init.normal_(self.rule, std=1 / n)
+        nn.init.kaiming_uniform_(self.factors.view(-1, in_features // n), a=math.sqrt(5))
+        nn.init.uniform_(self.bias, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        n, rows, cols = self.factors.shape
+        # kron(A, B)[p*rows + q, r*cols + s] = A[p, r] * B[q, s]
+        return torch.einsum("ipr,iqs->pqrs", self.rule, self.factors).reshape(n * rows, n * cols)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _linear(in_features: int, out_features: int, phm_dim: int | None) -> nn.Module:
+    return nn.Linear(in_features, out_features) if phm_dim is None else PHMLinear(in_features, out_features, phm_dim)
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return hidden.mean(dim=1)
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """The encoder is frozen: it runs without dropout, so a sentence gets the same vector in training and inference."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class InstancePrompts(VirtualInput):
+    """The generator (and the PG encoder prompt); `tokens()` encodes the input and generates its prompt."""
+
+    kind = TOKENS
+    per_instance = True  # generate() computes the prompt once from the input, not from the tokens it adds
+
+    def __init__(self, model: nn.Module, config: IDPGConfig, encoder: nn.Module | None, encoder_dim: int) -> None:
+        super().__init__()
+        self.num_virtual, self.width = config.num_virtual_tokens, config.token_dim
+        m, p, n = config.generator_hidden_size, config.generator_dropout, config.phm_dim
+        self.generator = nn.Sequential(
+            nn.Dropout(p), _linear(encoder_dim, m, n), nn.GELU(), nn.Dropout(p), _linear(m, self.num_virtual * self.width, n),
+        )
+        self.sentence_encoder = encoder.requires_grad_(False).eval() if encoder is not None else None
+        # The base model (for "self") sits in a plain tuple: as a submodule its weights would be counted,
+        # trained and saved a second time.
+        encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self._base = (model, model.get_encoder() if encoder_decoder else body_of(model))
+        self._no_cache = {"use_cache": False} if _accepts(encoder if encoder is not None else self._base[1], "use_cache") else {}
+        self.register_parameter("encoder_prompt", None)
+        if config.learn_encoder_prompt:
+            embeddings = (encoder if encoder is not None else model).get_input_embeddings().weight
+            ids = torch.randint(0, embeddings.shape[0], (self.num_virtual,), device=embeddings.device)
+            self.encoder_prompt = nn.Parameter(embeddings[ids].detach().clone().float())  # rows of real words
+
+    # ---- the frozen sentence encoder -------------------------------------------------------------
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """IDPG's own parameters. The HF sentence encoder is a submodule (it moves with `.to()` and counts in the
+        model's total) but is frozen: the engine makes every parameter a prompt lists trainable."""
+        frozen = {id(q) for q in self.sentence_encoder.parameters()} if self.sentence_encoder is not None else set()
+        for name, param in super().named_parameters(prefix, recurse, remove_duplicate):
+            if id(param) not in frozen:
+                yield name, param
+
+    def train(self, mode: bool = True) -> "InstancePrompts":
+        super().train(mode)
+        if self.sentence_encoder is not None:
+            self.sentence_encoder.eval()
+        return self
+
+    def _adapter_state(self) -> AdapterState | None:
+        """The model's shared AdapterState, found on any adapter wrapper (the engine does not hand it to prompt
+        methods). Without a wrapper, calling the body's `forward` directly, past the engine's hooks, is enough."""
+        for module in self._base[0].modules():
+            state = getattr(module, "adapter_state", None)
+            if isinstance(state, AdapterState):
+                return state
+        return None
+
+    @contextlib.contextmanager
+    def _frozen_pass(self):
+        if self.sentence_encoder is not None:
+            yield self.sentence_encoder
+            return
+        body = self._base[1]
+        state = self._adapter_state()
+        disabled = state.disabled if state is not None else None
+        try:
+            if state is not None:
+                state.disabled = True
+            with _eval_mode(body):
+                yield body.forward  # .forward: past the virtual-token hooks on the body
+        finally:
+            if state is not None:
+                state.disabled = disabled
+
+    def sentence_vectors(self, inputs: dict) -> torch.Tensor:
+        """[B, d_enc]: the encoder's hidden states averaged over the attention mask (and the PG prompt)."""
+        ids, mask, embeds = inputs.get("input_ids"), inputs.get("attention_mask"), inputs.get("inputs_embeds")
+        if ids is None and (embeds is None or self.sentence_encoder is not None):
+            raise AdapterError("IDPG encodes the input to make its prompt: pass input_ids (inputs_embeds only work "
+                               "with sentence_encoder='self')")
+        if self.sentence_encoder is not None:
+            self._check_vocabulary(ids)
+        encoder = self.sentence_encoder if self.sentence_encoder is not None else self._base[1]
+        if self.encoder_prompt is not None:
+            if embeds is None:
+                embeds = encoder.get_input_embeddings()(ids)
+            rows, length = embeds.shape[:2]
+            embeds = torch.cat([self.encoder_prompt.to(embeds.dtype).expand(rows, -1, -1), embeds], dim=1)
+            mask = torch.ones(rows, length, dtype=torch.long, device=embeds.device) if mask is None else mask
+            mask = torch.cat([mask.new_ones(rows, self.num_virtual), mask], dim=1)
+        call = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
+        # The encoder is frozen; only the PG prompt before it needs the gradient through it.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_prompt is not None), \
+                self._frozen_pass() as run:
+            hidden = run(**call, attention_mask=mask, **self._no_cache)[0]
+        return _mean_pool(hidden, mask)
+
+    def _check_vocabulary(self, ids: torch.Tensor) -> None:
+        vocab = self.sentence_encoder.get_input_embeddings().weight.shape[0]
+        if ids.numel() and int(ids.max()) >= vocab:
+            raise AdapterError(
+                f"input id {int(ids.max())} is outside the sentence encoder's vocabulary of {vocab} tokens; the "
+                f"encoder reads the base model's input_ids, so choose one that shares the base model's tokenizer"
+            )
+
+    # ---- the VirtualInput interface --------------------------------------------------------------
+    def tokens(self, inputs) -> torch.Tensor:
+        vectors = self.sentence_vectors(inputs)
+        first = self.generator[1]
+        prompts = self.generator(vectors.to(first.bias.dtype))
+        return prompts.view(-1, self.num_virtual, self.width)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        state = self.state_dict(keep_vars=True)
+        return {KEY_PREFIX + k: v for k, v in state.items() if not k.startswith("sentence_encoder.")}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        expected = self.checkpoint_tensors()
+        found = {k: v for k, v in tensors.items() if k.startswith(KEY_PREFIX)}
+        if not found:
+            raise CheckpointMismatchError(
+                f"{source} has no IDPG generator tensors ({KEY_PREFIX}*), only {sorted(tensors)[:5]}; "
+                f"it is not an IDPG checkpoint"
+            )
+        stray = sorted(k for k in tensors if "." not in k)
+        if set(found) != set(expected) or stray:
+            raise CheckpointMismatchError(
+                f"{source}: IDPG tensors {sorted(set(found) - set(expected)) + stray} are not made by this config and "
+                f"{sorted(set(expected) - set(found))} are missing; the adapter was saved with another config "
+                f"(phm_dim, learn_encoder_prompt)"
+            )
+        for key, target in expected.items():
+            if tuple(found[key].shape) != tuple(target.shape):
+                raise CheckpointMismatchError(
+                    f"{source}: {key} has shape {tuple(found[key].shape)} but this model and config need "
+                    f"{tuple(target.shape)}; the adapter was saved for another base model, sentence encoder, "
+                    f"generator_hidden_size or num_virtual_tokens"
+                )
+        with torch.no_grad():
+            for key, target in expected.items():
+                target.copy_(found[key])
+
+
+def _load_encoder(name: str) -> nn.Module:
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load sentence_encoder {name!r} with AutoModel.from_pretrained: {exc}") from None
+
+
+def _check_phm(n: int | None, layers: dict[str, tuple[int, int]]) -> None:
+    for layer, (fan_in, fan_out) in layers.items():
+        if n is not None and (fan_in % n or fan_out % n):
+            raise ConfigError(
+                f"phm_dim={n} must divide both sizes of the generator's {layer} layer ({fan_in} -> {fan_out}); "
+                f"choose a phm_dim that divides them or change generator_hidden_size"
+            )
+
+
+def build_idpg(model: nn.Module, config: IDPGConfig) -> InstancePrompts:
+    if config.sentence_encoder == SELF:
+        encoder, encoder_dim, what = None, config.token_dim, "sentence_encoder='self' (the base model)"
+    else:
+        encoder = _load_encoder(config.sentence_encoder)
+        encoder_dim = _model_dim(encoder.config, "hidden_size", "n_embd", "d_model")
+        what = f"sentence_encoder {config.sentence_encoder!r}"
+    if config.sentence_encoder_hidden_size is not None and encoder_dim != config.sentence_encoder_hidden_size:
+        raise ConfigError(
+            f"{what} has hidden size {encoder_dim} but sentence_encoder_hidden_size={config.sentence_encoder_hidden_size}; "
+            f"set sentence_encoder_hidden_size={encoder_dim} (or None to read it from the encoder)"
+        )
+    m = config.generator_hidden_size
+    _check_phm(config.phm_dim, {"first": (encoder_dim, m), "second": (m, config.num_virtual_tokens * config.token_dim)})
+    # the generator's dropout follows the model's mode: a model wrapped in eval mode gives the same prompt every call
+    return InstancePrompts(model, config, encoder, encoder_dim).train(model.training)
+
+
+register_method(MethodSpec("IDPG", IDPGConfig, None, "prompt_", "", build_virtual=build_idpg))
