@@ -3,6 +3,8 @@
 `lora`       default LoRA targets (the attention query/value projections, as in the LoRA paper)
 `heads`      task heads that are newly initialised for SEQ_CLS / TOKEN_CLS and so must be trained and saved
 `layers`     the name of the container whose numbered children are the transformer blocks
+`checkpointing_keeps_cache`  False where the model's own code passes no cache to its blocks under
+             gradient checkpointing (so prefix tuning cannot train with checkpointing there)
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ class FamilySites:
     layers: str
     seq_cls_heads: tuple[str, ...] = ("classifier", "score")
     token_cls_heads: tuple[str, ...] = ("classifier", "score")
+    checkpointing_keeps_cache: bool = True
 
 
 _ENC_HEADS = ("classifier",)
@@ -26,7 +29,7 @@ FAMILIES: dict[str, FamilySites] = {
     "roberta": FamilySites(lora=("query", "value"), layers="layer", seq_cls_heads=_ENC_HEADS),
     "deberta": FamilySites(lora=("in_proj",), layers="layer", seq_cls_heads=_DEBERTA_HEADS),
     "deberta-v2": FamilySites(lora=("query_proj", "value_proj"), layers="layer", seq_cls_heads=_DEBERTA_HEADS),
-    "gpt2": FamilySites(lora=("c_attn",), layers="h"),
+    "gpt2": FamilySites(lora=("c_attn",), layers="h", checkpointing_keeps_cache=False),
     "bloom": FamilySites(lora=("query_key_value",), layers="h"),
     "opt": FamilySites(lora=("q_proj", "v_proj"), layers="layers"),
     "gpt_neo": FamilySites(lora=("q_proj", "v_proj"), layers="h"),

@@ -181,13 +181,13 @@ class VirtualInputs:
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.lm_head = not self.encoder_decoder and model.get_output_embeddings() is not None
         self._handles = []
-        self._sliced: list[int] = []
+        self._calls: list[int] = []  # per body call: virtual positions to drop from its output
         self._limits: dict[int, int | None] = {}
         if self.encoder_decoder:
             self._hook(model.get_encoder(), self._before_encoder, None)
             self._hook(model.get_decoder(), self._before_decoder, None)
         else:
-            self._hook(body_of(model), self._before_body, None if self.lm_head else self._after_body)
+            self._hook(body_of(model), self._before_body, self._after_body)
             if self.lm_head:
                 self._hook(model, self._pad_labels, None)
 
@@ -229,8 +229,8 @@ class VirtualInputs:
             name, prompt = found
             kwargs, count = self._insert(module, name, prompt, kwargs, cache_key="past_key_values",
                                          mask_key="attention_mask", position_key="position_ids")
-        if not self.lm_head:
-            self._sliced.append(count if found is not None and found[1].kind == TOKENS else 0)
+        sliced = found is not None and found[1].kind == TOKENS and not self.lm_head
+        self._calls.append(count if sliced else 0)
         return kwargs
 
     def _pad_labels(self, module, kwargs: dict) -> dict:
@@ -241,7 +241,8 @@ class VirtualInputs:
         return kwargs
 
     def _after_body(self, module, args, output):
-        count = self._sliced.pop() if self._sliced else 0
+        _allow_checkpointing_with_cache(module, False)
+        count = self._calls.pop() if self._calls else 0
         if not count or output is None:
             return output
         if isinstance(output, tuple):
@@ -297,11 +298,24 @@ class VirtualInputs:
         if cache is None and use_cache and not module.training:
             cache = _empty_cache(self.model, self.encoder_decoder)
         if cache is None:  # a later call may pass it back with the whole sequence again (generate without cache)
+            self._check_checkpointing(module)
             cache = _frozen_cache(prefix, self.encoder_decoder)
+            _allow_checkpointing_with_cache(module, True)
         else:
             _fill_cache(cache, prefix)
         setattr(cache, _TAG, prompt.num_virtual)
         return cache
+
+    def _check_checkpointing(self, module: nn.Module) -> None:
+        from .sites import family_of
+
+        family = family_of(self.model)
+        if module.training and getattr(module, "gradient_checkpointing", False) and family and not family.checkpointing_keeps_cache:
+            raise AdapterError(
+                f"{type(module).__name__} passes no past_key_values to its layers under gradient checkpointing, so "
+                f"the prefix would be dropped; disable gradient checkpointing for prefix tuning on this model, "
+                f"or use prompt tuning / P-tuning"
+            )
 
     def _check_length(self, module: nn.Module, kwargs: dict, count: int) -> None:
         """Refuse inputs that no longer fit a learned position table once the virtual tokens are added."""
@@ -339,6 +353,17 @@ class VirtualInputs:
         kwargs, _ = self._insert(module, name, prompt, kwargs, cache_key="past_key_values",
                                  mask_key="attention_mask", position_key="position_ids")
         return kwargs
+
+
+def _allow_checkpointing_with_cache(module: nn.Module, allow: bool) -> None:
+    """Transformers drops `past_key_values` in checkpointed layers because a normal cache would grow again
+    when a layer is recomputed; our frozen prefix cache never grows, so for this call the layers may keep it."""
+    for layer in module.modules():
+        if getattr(layer, "gradient_checkpointing", False) and hasattr(type(layer), "_can_checkpoint_with_cache"):
+            if allow:
+                layer._can_checkpoint_with_cache = True
+            else:
+                layer.__dict__.pop("_can_checkpoint_with_cache", None)
 
 
 def _input_embeddings(module: nn.Module) -> nn.Module:

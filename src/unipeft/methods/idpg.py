@@ -19,6 +19,7 @@ is loaded again from `sentence_encoder`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..engine.inject import CheckpointMismatchError
 from ..engine.layers import AdapterError, AdapterState
-from ..engine.virtual import TOKENS, VirtualInput, _accepts, body_of
+from ..engine.virtual import TOKENS, VirtualInput, body_of
 from ..registry import MethodSpec, register_method
 from .prompt import PromptLearningConfig, _model_dim
 
@@ -138,7 +139,8 @@ class InstancePrompts(VirtualInput):
         # trained and saved a second time.
         encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self._base = (model, model.get_encoder() if encoder_decoder else body_of(model))
-        self._no_cache = {"use_cache": False} if _accepts(encoder if encoder is not None else self._base[1], "use_cache") else {}
+        runs = encoder if encoder is not None else self._base[1]
+        self._no_cache = {"use_cache": False} if "use_cache" in inspect.signature(runs.forward).parameters else {}
         self.register_parameter("encoder_prompt", None)
         if config.learn_encoder_prompt:
             embeddings = (encoder if encoder is not None else model).get_input_embeddings().weight
@@ -171,6 +173,8 @@ class InstancePrompts(VirtualInput):
 
     @contextlib.contextmanager
     def _frozen_pass(self):
+        """The callable that encodes: the HF encoder, or the base model's body as it is without adapters (the
+        shared state disabled, as `disable_adapter()` does, and the engine's hooks on the body bypassed)."""
         if self.sentence_encoder is not None:
             yield self.sentence_encoder
             return
@@ -219,10 +223,8 @@ class InstancePrompts(VirtualInput):
 
     # ---- the VirtualInput interface --------------------------------------------------------------
     def tokens(self, inputs) -> torch.Tensor:
-        vectors = self.sentence_vectors(inputs)
-        first = self.generator[1]
-        prompts = self.generator(vectors.to(first.bias.dtype))
-        return prompts.view(-1, self.num_virtual, self.width)
+        vectors = self.sentence_vectors(inputs).to(self.generator[1].bias.dtype)
+        return self.generator(vectors).view(-1, self.num_virtual, self.width)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         state = self.state_dict(keep_vars=True)

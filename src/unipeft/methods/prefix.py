@@ -26,15 +26,20 @@ class PrefixTuningConfig(PromptLearningConfig):
     prefix_projection: bool = False
     init_weights: Optional[Literal["zero"]] = None
 
+    def model_sizes(self, model: nn.Module) -> dict:
+        """Keys and values are stored per key/value head (grouped-query models have fewer than query heads)."""
+        sizes = super().model_sizes(model)
+        mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        kv_heads = getattr(mc, "num_key_value_heads", None)
+        if kv_heads:
+            head_dim = getattr(mc, "head_dim", None) or sizes["token_dim"] // sizes["num_attention_heads"]
+            sizes.update(token_dim=head_dim * kv_heads, num_attention_heads=kv_heads)
+        return sizes
+
     def resolved(self, model: nn.Module) -> "PrefixTuningConfig":
         config = super().resolved(model)
         if self.num_transformer_submodules is None and getattr(model.config, "is_encoder_decoder", False):
             config = replace(config, num_transformer_submodules=2)  # what PEFT records (and needs) for seq2seq
-        mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        kv_heads = getattr(mc, "num_key_value_heads", None)
-        if kv_heads and self.token_dim is None and self.num_attention_heads is None:  # grouped-query attention
-            head_dim = getattr(mc, "head_dim", None) or config.token_dim // config.num_attention_heads
-            config = replace(config, token_dim=head_dim * kv_heads, num_attention_heads=kv_heads)
         if config.encoder_hidden_size is None:
             config = replace(config, encoder_hidden_size=config.token_dim)
         return config

@@ -63,20 +63,29 @@ class PromptLearningConfig(PeftConfig):
     def is_prompt_learning(self) -> bool:
         return True
 
-    def resolved(self, model: nn.Module) -> "PromptLearningConfig":
-        """A copy with the model's sizes filled in, as Hugging Face PEFT records them in adapter_config.json."""
+    def model_sizes(self, model: nn.Module) -> dict:
         mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        values = {
-            "num_layers": self.num_layers or _model_dim(mc, "num_hidden_layers", "num_layers", "n_layer"),
-            "token_dim": self.token_dim or _model_dim(mc, "hidden_size", "n_embd", "d_model"),
-            "num_attention_heads": self.num_attention_heads or _model_dim(
-                mc, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
-            "num_transformer_submodules": self.num_transformer_submodules or 1,
+        return {
+            "num_layers": _model_dim(mc, "num_hidden_layers", "num_layers", "n_layer"),
+            "token_dim": _model_dim(mc, "hidden_size", "n_embd", "d_model"),
+            "num_attention_heads": _model_dim(mc, "num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
         }
-        missing = [k for k, v in values.items() if v is None]
-        if missing:
-            raise ConfigError(f"cannot read {missing} from {type(model.config).__name__}; set them in the config")
-        return replace(self, **values)
+
+    def resolved(self, model: nn.Module) -> "PromptLearningConfig":
+        """A copy with the model's sizes filled in, as Hugging Face PEFT records them in adapter_config.json;
+        sizes already in the config (a saved adapter) must match the model."""
+        values = {}
+        for key, size in self.model_sizes(model).items():
+            given = getattr(self, key)
+            if size is None and given is None:
+                raise ConfigError(f"cannot read {key} from {type(model.config).__name__}; set it in the config")
+            if given is not None and size is not None and given != size:
+                raise ConfigError(
+                    f"{type(self).__name__}.{key}={given} but {type(model).__name__} has {size}: the adapter was "
+                    f"made for another base model"
+                )
+            values[key] = size if given is None else given
+        return replace(self, num_transformer_submodules=self.num_transformer_submodules or 1, **values)
 
 
 class VirtualPrompt(VirtualInput):
