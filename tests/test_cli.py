@@ -199,7 +199,7 @@ def _fails(capsys, argv, *needles, out=None):
 def test_unknown_method_lists_known_ones(tmp_path, tiny_model, tiny_csv, capsys):
     out = tmp_path / "out"
     _fails(capsys, ["train", "--method", "dora-xl", "--model", tiny_model, "--data", tiny_csv, "--output-dir", str(out)],
-           "unknown method 'dora-xl'", "known methods: lora", out=out)
+           "unknown method 'dora-xl'", "known methods: lora, prefix, prompt, ptuning", out=out)
 
 
 def test_missing_column_lists_columns_found(tmp_path, tiny_model, tiny_csv, capsys):
@@ -244,7 +244,7 @@ def test_console_script_exits_2_with_message(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "unipeft")
     proc = subprocess.run([script, "train", "--method", "nope"], capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "unipeft train: error: unknown method 'nope'; known methods: lora"
+    assert proc.stderr.strip() == "unipeft train: error: unknown method 'nope'; known methods: lora, prefix, prompt, ptuning"
     assert proc.stdout == ""
 
 
@@ -261,3 +261,20 @@ def test_readme_option_table_matches_the_parser():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     real = {s for a in train._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
     assert documented == real
+
+
+@pytest.mark.parametrize("method,peft_type", [("prompt", "PROMPT_TUNING"), ("ptuning", "P_TUNING"), ("prefix", "PREFIX_TUNING")])
+def test_prompt_methods_train_from_the_command_line(method, peft_type, tmp_path, tiny_model, tiny_csv):
+    """Each prompt method trains with its default (larger) learning rate and saves a reloadable adapter."""
+    out = tmp_path / "adapter"
+    proc = subprocess.run(
+        [sys.executable, "-m", "unipeft", "train", "--model", tiny_model, "--data", tiny_csv, "--method", method,
+         "--num-virtual-tokens", "4", "--output-dir", str(out), *TRAIN_ARGS],
+        capture_output=True, text=True, env=_env(), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config["num_virtual_tokens"] == 4
+    assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
+    assert "prompt_embeddings" in load_file(out / "adapter_model.safetensors")

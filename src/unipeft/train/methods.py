@@ -23,9 +23,38 @@ def _lora(options: "TrainOptions") -> "PeftConfig":
                       lora_dropout=options.dropout, target_modules=options.target_modules)
 
 
+def _prompt(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.prompt import PromptTuningConfig
+
+    return PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=options.num_virtual_tokens)
+
+
+def _ptuning(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.prompt import PromptEncoderConfig
+
+    return PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=options.num_virtual_tokens)
+
+
+def _prefix(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.prefix import PrefixTuningConfig
+
+    return PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=options.num_virtual_tokens)
+
+
 METHODS: dict[str, Callable[["TrainOptions"], "PeftConfig"]] = {
     "lora": _lora,
+    "prompt": _prompt,
+    "ptuning": _ptuning,
+    "prefix": _prefix,
 }
+
+# Prompt methods move a few vectors a long way: they need a far larger step than weight-level methods.
+DEFAULT_LR = {"lora": 1e-3}
+PROMPT_LR = 3e-2
+
+
+def default_lr(method: str) -> float:
+    return DEFAULT_LR.get(check_method(method), PROMPT_LR)
 
 
 def known_methods() -> list[str]:

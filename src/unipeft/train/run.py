@@ -15,7 +15,7 @@ from typing import Callable
 
 from . import data as data_mod
 from .errors import UsageError
-from .methods import check_method, method_config
+from .methods import check_method, default_lr, method_config
 
 METRICS_FILE = "metrics.json"
 
@@ -28,7 +28,7 @@ class TrainOptions:
     text_column: str | None = None  # None: "text"
     label_column: str | None = None  # None: "label" for files, "sentiment" for the embedded corpus
     epochs: int = 3
-    lr: float = 1e-3
+    lr: float | None = None  # None: the method's default (1e-3 LoRA, 3e-2 prompt methods)
     batch_size: int = 32
     max_length: int = 64
     output_dir: str | None = None  # None: runs/<timestamp>
@@ -39,6 +39,7 @@ class TrainOptions:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    num_virtual_tokens: int = 20  # prompt methods
     target_modules: list[str] | None = None  # None: the model family's default (query, value for BERT)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
@@ -64,7 +65,7 @@ def _check_numbers(options: TrainOptions) -> None:
     for name in ("epochs", "batch_size", "max_length"):
         if getattr(options, name) < 1:
             raise UsageError(f"{name} must be at least 1, got {getattr(options, name)}")
-    if not options.lr > 0:
+    if options.lr is not None and not options.lr > 0:
         raise UsageError(f"lr must be positive, got {options.lr}")
     for name in ("max_train_samples", "max_eval_samples"):
         value = getattr(options, name)
@@ -129,17 +130,18 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     trainable, total = peft_model.get_nb_trainable_parameters()
     log(f"model: {model_name} ({type(model).__name__}) on {device}")
     attached = peft_model.active_peft_config  # the family's default targets and the task head filled in
-    targets = attached.target_modules
-    targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
-    log(f"method: {method} (target modules: {targets}; "
-        f"trained and saved head: {', '.join(attached.modules_to_save or []) or 'none'})")
+    targets = getattr(attached, "target_modules", None)
+    where = (f"target modules: {targets if isinstance(targets, str) else ', '.join(sorted(targets))}"
+             if targets else f"{attached.num_virtual_tokens} virtual tokens")
+    log(f"method: {method} ({where}; trained and saved head: {', '.join(attached.modules_to_save or []) or 'none'})")
     log(f"trainable params: {trainable:,d} of {total:,d} ({100 * trainable / total:.4f}%)")
 
     train_loader = make_loader(dataset.train, tokenizer, options.batch_size, options.max_length,
                                shuffle=True, seed=options.seed)
     val_loader = make_loader(dataset.validation, tokenizer, options.batch_size, options.max_length)
     test_loader = make_loader(dataset.test, tokenizer, options.batch_size, options.max_length)
-    optimizer = make_optimizer(peft_model, options.lr, options.weight_decay)
+    lr = options.lr if options.lr is not None else default_lr(options.method)
+    optimizer = make_optimizer(peft_model, lr, options.weight_decay)
     scheduler = make_scheduler(optimizer, options.epochs * len(train_loader), options.warmup_ratio)
 
     epochs = []
