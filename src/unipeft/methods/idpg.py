@@ -33,7 +33,7 @@ from ..engine.inject import CheckpointMismatchError
 from ..engine.layers import AdapterError, AdapterState
 from ..engine.virtual import TOKENS, VirtualInput, body_of
 from ..registry import MethodSpec, register_method
-from .prompt import PromptLearningConfig, _model_dim
+from .prompt import PromptLearningConfig, _model_dim, check_and_copy
 
 SELF = "self"
 KEY_PREFIX = "prompt_encoder."
@@ -239,22 +239,9 @@ class InstancePrompts(VirtualInput):
                 f"it is not an IDPG checkpoint"
             )
         stray = sorted(k for k in tensors if "." not in k)
-        if set(found) != set(expected) or stray:
-            raise CheckpointMismatchError(
-                f"{source}: IDPG tensors {sorted(set(found) - set(expected)) + stray} are not made by this config and "
-                f"{sorted(set(expected) - set(found))} are missing; the adapter was saved with another config "
-                f"(phm_dim, learn_encoder_prompt)"
-            )
-        for key, target in expected.items():
-            if tuple(found[key].shape) != tuple(target.shape):
-                raise CheckpointMismatchError(
-                    f"{source}: {key} has shape {tuple(found[key].shape)} but this model and config need "
-                    f"{tuple(target.shape)}; the adapter was saved for another base model, sentence encoder, "
-                    f"generator_hidden_size or num_virtual_tokens"
-                )
-        with torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(found[key])
+        if stray:
+            raise CheckpointMismatchError(f"{source}: tensors {stray} are not made by an IDPG config")
+        check_and_copy(expected, found, source)
 
 
 def _load_encoder(name: str) -> nn.Module:

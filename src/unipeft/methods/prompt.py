@@ -121,7 +121,7 @@ class VirtualPrompt(VirtualInput):
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         training = {k[len("prompt_encoder."):]: v for k, v in tensors.items() if k.startswith("prompt_encoder.")}
         if self.encoder is not None and training:
-            _check_and_copy(self.state_dict(keep_vars=True), training, source, "prompt_encoder.")
+            check_and_copy(self.state_dict(keep_vars=True), training, source, "prompt_encoder.")
             return
         if PROMPT_KEY not in tensors:
             raise CheckpointMismatchError(f"{source} has no {PROMPT_KEY!r} tensor; it is not a prompt-method checkpoint")
@@ -138,16 +138,19 @@ class VirtualPrompt(VirtualInput):
             self.embedding.weight.copy_(flat)
 
 
-def _check_and_copy(expected: dict, found: dict, source: str, prefix: str) -> None:
+def check_and_copy(expected: dict, found: dict, source: str, prefix: str = "") -> None:
+    """Copy checkpoint tensors into a prompt method's own, after checking names and shapes."""
     if set(expected) != set(found):
         raise CheckpointMismatchError(
-            f"{source}: reparameterisation tensors {sorted(prefix + k for k in found)} do not match this config's "
-            f"{sorted(prefix + k for k in expected)}"
+            f"{source}: tensors {sorted(prefix + k for k in set(found) - set(expected))} are not made by this config "
+            f"and {sorted(prefix + k for k in set(expected) - set(found))} are missing; the adapter was saved with "
+            f"another config"
         )
     for key, target in expected.items():
         if tuple(found[key].shape) != tuple(target.shape):
             raise CheckpointMismatchError(
-                f"{source}: {prefix}{key} has shape {tuple(found[key].shape)}, this config needs {tuple(target.shape)}"
+                f"{source}: {prefix}{key} has shape {tuple(found[key].shape)}, this model and config need "
+                f"{tuple(target.shape)}; the adapter was saved for another base model or config"
             )
     with torch.no_grad():
         for key, target in expected.items():
