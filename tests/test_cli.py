@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 import subprocess
@@ -199,7 +200,7 @@ def _fails(capsys, argv, *needles, out=None):
 def test_unknown_method_lists_known_ones(tmp_path, tiny_model, tiny_csv, capsys):
     out = tmp_path / "out"
     _fails(capsys, ["train", "--method", "dora-xl", "--model", tiny_model, "--data", tiny_csv, "--output-dir", str(out)],
-           "unknown method 'dora-xl'", "known methods: lora, prefix, prompt, ptuning", out=out)
+           "unknown method 'dora-xl'", "known methods: idpg, lora, pg, prefix, prompt, ptuning", out=out)
 
 
 def test_missing_column_lists_columns_found(tmp_path, tiny_model, tiny_csv, capsys):
@@ -244,7 +245,8 @@ def test_console_script_exits_2_with_message(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "unipeft")
     proc = subprocess.run([script, "train", "--method", "nope"], capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "unipeft train: error: unknown method 'nope'; known methods: lora, prefix, prompt, ptuning"
+    assert proc.stderr.strip() == ("unipeft train: error: unknown method 'nope'; known methods: idpg, lora, pg, prefix, "
+                                   "prompt, ptuning")
     assert proc.stdout == ""
 
 
@@ -278,3 +280,128 @@ def test_prompt_methods_train_from_the_command_line(method, peft_type, tmp_path,
     assert config["peft_type"] == peft_type and config["num_virtual_tokens"] == 4
     assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
     assert "prompt_embeddings" in load_file(out / "adapter_model.safetensors")
+
+
+# ---- IDPG and its PG variant from the command line ----------------------------------------------------------------
+IDPG_TOKENS = 4
+# TRAIN_ARGS without --lr: each method trains with its own default learning rate
+IDPG_ARGS = [a for a in TRAIN_ARGS if a != "--lr" and a != "0.03"] + ["--num-virtual-tokens", str(IDPG_TOKENS)]
+
+
+def _train(tiny_model, tiny_csv, out, *args):
+    proc = subprocess.run(
+        [sys.executable, "-m", "unipeft", "train", "--model", tiny_model, "--data", tiny_csv, "--output-dir", str(out),
+         *args],
+        capture_output=True, text=True, env=_env(), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads((out / "metrics.json").read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module", params=["idpg", "pg"])
+def trained_idpg(request, tiny_model, tiny_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"run-{request.param}") / "adapter"
+    metrics, stdout = _train(tiny_model, tiny_csv, out, "--method", request.param, *IDPG_ARGS)
+    return request.param, out, metrics, stdout
+
+
+def test_idpg_and_pg_save_their_config_generator_and_default_lr(trained_idpg):
+    from unipeft.train.methods import DEFAULT_LR
+
+    method, out, metrics, stdout = trained_idpg
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "metrics.json"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IDPG" and config["task_type"] == "SEQ_CLS"
+    assert config["learn_encoder_prompt"] is (method == "pg")
+    assert config["sentence_encoder"] == "self" and config["num_virtual_tokens"] == IDPG_TOKENS
+    assert config["modules_to_save"] == ["classifier"]
+    hidden = config["generator_hidden_size"]
+    shapes = {k: tuple(v.shape) for k, v in load_file(out / "adapter_model.safetensors").items()}
+    generator = {k.split("prompt_encoder.", 1)[1]: v for k, v in shapes.items() if "prompt_encoder.generator." in k}
+    # dropout -> Linear(d -> m) -> GELU -> dropout -> Linear(m -> t * d)
+    assert generator == {"generator.1.weight": (hidden, HIDDEN), "generator.1.bias": (hidden,),
+                         "generator.4.weight": (IDPG_TOKENS * HIDDEN, hidden), "generator.4.bias": (IDPG_TOKENS * HIDDEN,)}
+    encoder_prompt = [v for k, v in shapes.items() if k.endswith("prompt_encoder.encoder_prompt")]
+    assert encoder_prompt == ([(IDPG_TOKENS, HIDDEN)] if method == "pg" else [])
+    assert not any("sentence_encoder" in k or "embeddings" in k for k in shapes)  # the frozen model is not saved
+    expected = sum(math.prod(s) for s in shapes.values())  # the generator, PG's prompt and the head train
+    assert metrics["trainable_params"] == expected and f"trainable params: {expected:,d}" in stdout
+    assert metrics["method"] == method and metrics["lr"] == DEFAULT_LR[method]
+    assert metrics["steps"] == 5 * math.ceil(480 / 16)
+    assert "sentence encoder: the model itself" in stdout
+    assert ("with a learned encoder prompt" in stdout) is (method == "pg")
+
+
+def test_idpg_and_pg_learn_and_reload_with_the_same_predictions(trained_idpg, tiny_model, tiny_csv):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    method, out, metrics, _ = trained_idpg
+    assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
+    assert metrics["test_accuracy"] > metrics["majority_baseline"]
+    dataset = train_data.load_dataset(tiny_csv, split_seed=metrics["options"]["split_seed"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=len(metrics["labels"]))
+    model = unipeft.PeftModel.from_pretrained(base, str(out)).eval()
+    assert type(model.active_peft_config).__name__ == "IDPGConfig"
+    assert model.active_peft_config.learn_encoder_prompt is (method == "pg")
+    max_length = metrics["options"]["max_length"]
+    assert _accuracy(model, tokenizer, dataset.test, max_length) == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+    with model.disable_adapter():  # the base with a fresh random head does not know the task
+        assert _accuracy(model, tokenizer, dataset.test, max_length) < metrics["test_accuracy"]
+
+
+def test_idpg_with_a_separate_sentence_encoder(tmp_path, tiny_model, tiny_csv):
+    """--sentence-encoder loads a frozen HF encoder (here a copy of the tiny model) that is named, not saved."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "adapter"
+    metrics, stdout = _train(tiny_model, tiny_csv, out, "--method", "idpg", "--sentence-encoder", tiny_model, *IDPG_ARGS,
+                             "--max-train-samples", "64", "--epochs", "1")  # the later --epochs wins
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IDPG" and config["sentence_encoder"] == tiny_model
+    assert f"sentence encoder: {tiny_model}" in stdout
+    keys = load_file(out / "adapter_model.safetensors")
+    assert any("prompt_encoder.generator." in k for k in keys)
+    assert not any("sentence_encoder" in k for k in keys)
+    # the encoder's weights are frozen and not counted as trainable
+    assert metrics["trainable_params"] == sum(v.numel() for v in keys.values())
+    dataset = train_data.load_dataset(tiny_csv, split_seed=0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=3)
+    model = unipeft.PeftModel.from_pretrained(base, str(out)).eval()
+    reloaded = _accuracy(model, AutoTokenizer.from_pretrained(tiny_model), dataset.test, metrics["options"]["max_length"])
+    assert reloaded == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "idpg", "pg"])
+def test_virtual_tokens_must_fit_with_max_length(method, tmp_path, tiny_model, tiny_csv, capsys):
+    """The tiny model has 64 positions: 60 tokens of text and 8 virtual tokens would fail at the first long batch."""
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--method", method, "--model", tiny_model, "--data", tiny_csv, "--max-length", "60",
+                    "--num-virtual-tokens", "8", "--output-dir", str(out)],
+           "max_length 60 plus 8 virtual tokens", "64 positions", "--max-length 56", out=out)
+    _fails(capsys, ["train", "--method", method, "--model", tiny_model, "--data", tiny_csv,
+                    "--num-virtual-tokens", "64", "--output-dir", str(out)],
+           "64 virtual tokens leave no room", out=out)
+
+
+def test_bad_sentence_encoder(tmp_path, tiny_model, tiny_csv, capsys):
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path / "out"
+    _fails(capsys, ["train", "--method", "idpg", "--model", tiny_model, "--data", tiny_csv, "--max-length", "16",
+                    "--sentence-encoder", str(tmp_path / "no-encoder"), "--output-dir", str(out)],
+           "cannot load sentence encoder", "no-encoder", out=out)
+    small = tmp_path / "small-vocab"
+    BertModel(BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=64)).save_pretrained(small)
+    capsys.readouterr()  # transformers' saving progress bar
+    _fails(capsys, ["train", "--method", "pg", "--model", tiny_model, "--data", tiny_csv, "--max-length", "16",
+                    "--sentence-encoder", str(small), "--output-dir", str(out)],
+           "has 10 tokens", "must share the model's tokenizer", out=out)
+    short = tmp_path / "short-positions"
+    BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, max_position_embeddings=20)).save_pretrained(short)
+    capsys.readouterr()  # transformers' saving progress bar
+    _fails(capsys, ["train", "--method", "pg", "--model", tiny_model, "--data", tiny_csv, "--max-length", "16",
+                    "--sentence-encoder", str(short), "--num-virtual-tokens", "8", "--output-dir", str(out)],
+           "has 20 positions", "max_length 16 plus 8 encoder-prompt tokens", out=out)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import families as Fam
 from unipeft import (
-    CheckpointMismatchError, ConfigError, IDPGConfig, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model,
+    AdapterError, CheckpointMismatchError, ConfigError, IDPGConfig, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model,
 )
 
 T = 4  # virtual tokens
@@ -32,7 +32,7 @@ def make(family="gpt2", task="CAUSAL_LM", seed=0, **config):
     config = {"generator_hidden_size": M, **config}
     peft = get_peft_model(Fam.make_model(family, task), IDPGConfig(task_type=task, num_virtual_tokens=T, **config))
     with torch.no_grad():  # away from the init, so the prompt matters for every output
-        for p in peft.base_model.prompt_encoder["default"].parameters():
+        for p in peft.base_model.prompt_encoder["default"].trainable_parameters():
             p.normal_(0, 0.5)
     return peft, peft.base_model.prompt_encoder["default"]
 
@@ -101,11 +101,18 @@ def test_parameter_counts_gpt2_xl(monkeypatch):
     assert generator + head == 12_620_096
     trainable, total = gpt2_xl_counts(monkeypatch)
     assert trainable == 12_620_096
-    # GPT2-XL with its head (1,557,616,000), the frozen GPT-2 small encoder (124,439,808) and the generator
-    # make 1,694,671,104; the total also holds the head's trainable copy beside the original (as HF PEFT counts).
-    assert total == 1_557_616_000 + 124_439_808 + generator + head == 1_694_671_104 + head
+    # GPT2-XL with its head (1,557,616,000), the frozen GPT-2 small encoder (124,439,808) and the generator;
+    # the head's trained copy stands in for the original, so the head counts once.
+    assert total == 1_557_616_000 + 124_439_808 + generator == 1_694_671_104
     trainable, _ = gpt2_xl_counts(monkeypatch, learn_encoder_prompt=True)  # PG: + [20, 768]
     assert trainable == 12_635_456
+
+
+def test_m_idpg_parameter_count_gpt2_xl(monkeypatch):
+    # the shared generator's last layer loses its bias; every one of the 48 blocks gets a [20 * 1600] bias
+    generator = (768 * 384 + 384) + 384 * 20 * 1600 + 48 * 20 * 1600
+    trainable, _ = gpt2_xl_counts(monkeypatch, multi_layer=True)
+    assert trainable == generator + 1600 * 3 == 14_124_096
 
 
 def test_phm_parameter_count_gpt2_xl(monkeypatch):
@@ -298,8 +305,6 @@ def test_bad_config_leaves_model_unchanged(config, message):
 
 
 def test_unsupported_or_invalid_fields_are_refused():
-    with pytest.raises(ConfigError, match="multi_layer"):
-        IDPGConfig(num_virtual_tokens=T, multi_layer=True)
     with pytest.raises(ConfigError, match="generator_dropout"):
         IDPGConfig(num_virtual_tokens=T, generator_dropout=1.5)
     with pytest.raises(ConfigError, match="cannot load sentence_encoder"):
@@ -329,7 +334,8 @@ def test_minilm_encoder_is_frozen_unsaved_and_matches_by_hand(tmp_path):
 
     peft.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert sorted(saved) == sorted("base_model.prompt_encoder." + n for n, _ in prompt.named_parameters())
+    assert sorted(saved) == sorted("base_model.prompt_encoder." + n for n, _ in prompt.named_parameters()
+                                   if not n.startswith("sentence_encoder."))
     assert sum(v.numel() for v in saved.values()) == generator  # no encoder tensor in the file
     loaded = PeftModel.from_pretrained(Fam.make_model("bert", "FEATURE_EXTRACTION"), tmp_path)
     with torch.no_grad():
@@ -363,3 +369,92 @@ def test_generate_with_and_without_cache(search):
     assert torch.equal(cached.sequences, uncached.sequences)
     for with_cache, without in zip(cached.scores, uncached.scores):
         torch.testing.assert_close(with_cache, without, rtol=0, atol=1e-5)
+
+
+# ---- M-IDPG: a prompt for every block ----------------------------------------------------------------
+def test_m_idpg_replaces_each_block_input_by_hand():
+    """BERT run block by block: block 0 gets the prompt prepended, block i's first T positions are replaced."""
+    peft, prompt = make("bert", "FEATURE_EXTRACTION", multi_layer=True)
+    batch = padded_batch("bert", "FEATURE_EXTRACTION")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    bert = peft.get_base_model()
+    with torch.no_grad():
+        out = peft(**inputs(batch)).last_hidden_state
+        with peft.disable_adapter():
+            sentence = mean_pool(bert(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+        first, second = prompt.generator[1], prompt.generator[4]
+        assert second.bias is None and prompt.layer_bias.shape == (len(bert.encoder.layer), T * D)
+        shared = F.linear(F.gelu(F.linear(sentence, first.weight, first.bias)), second.weight)
+        per_block = [(shared + bias).view(len(ids), T, D) for bias in prompt.layer_bias]
+        full_mask = torch.cat([torch.ones(len(ids), T, dtype=mask.dtype), mask], dim=1)
+        additive = (1.0 - full_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        hidden = bert.embeddings(inputs_embeds=torch.cat([per_block[0], bert.embeddings.word_embeddings(ids)], 1))
+        for index, block in enumerate(bert.encoder.layer):
+            if index:
+                hidden = torch.cat([per_block[index], hidden[:, T:]], dim=1)
+            result = block(hidden, attention_mask=additive)
+            hidden = result[0] if isinstance(result, tuple) else result
+        made = prompt.tokens({"input_ids": ids, "attention_mask": mask})
+    assert made.shape == (len(ids), len(bert.encoder.layer), T, D)
+    torch.testing.assert_close(made[:, 1], per_block[1])
+    assert not torch.allclose(per_block[0], per_block[1], atol=1e-3)  # each block has its own prompt
+    torch.testing.assert_close(out, hidden[:, T:], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,task", [("gpt2", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("llama", "SEQ_CLS")])
+def test_m_idpg_trains_every_block_bias(family, task):
+    peft, prompt = make(family, task, multi_layer=True)
+    batch = Fam.make_batch(family, task)
+    with torch.no_grad():
+        loss_before = peft(**batch).loss.item()
+    opt = torch.optim.Adam([p for p in peft.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(6):
+        opt.zero_grad()
+        peft(**batch).loss.backward()
+        if step == 0:  # every block's bias row gets a gradient: every block reads its own prompt
+            assert (prompt.layer_bias.grad.abs().sum(dim=1) > 0).all()
+            assert all(p.grad is None for _, p in peft.base_model.named_base_parameters())
+        opt.step()
+    with torch.no_grad():
+        assert peft(**batch).loss.item() < loss_before
+
+
+def test_m_idpg_save_load_and_generate(tmp_path):
+    peft, prompt = make(multi_layer=True)
+    batch = inputs(Fam.make_batch("gpt2", "CAUSAL_LM"))
+    kwargs = dict(batch, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = peft(**batch).logits
+        cached = peft.generate(**kwargs, use_cache=True)
+        assert torch.equal(cached, peft.generate(**kwargs, use_cache=False))
+        assert torch.equal(cached, peft.generate(**kwargs, num_beams=1))
+    peft.save_pretrained(tmp_path)
+    assert "base_model.prompt_encoder.layer_bias" in load_file(tmp_path / "adapter_model.safetensors")
+    loaded = PeftModel.from_pretrained(Fam.make_model("gpt2", "CAUSAL_LM"), tmp_path)
+    with torch.no_grad():
+        assert_same_output(loaded(**batch).logits, expected)
+        with loaded.disable_adapter():
+            assert_same_output(loaded(**batch).logits, Fam.make_model("gpt2", "CAUSAL_LM")(**batch).logits)
+
+
+def test_m_idpg_refuses_gradient_checkpointing():
+    peft, _ = make(multi_layer=True)
+    peft.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft.train()
+    with pytest.raises(AdapterError, match="M-IDPG.*gradient checkpointing"):
+        peft(**Fam.make_batch("gpt2", "CAUSAL_LM"))
+
+
+# ---- new modules follow the model's mode ---------------------------------------------------------------
+@pytest.mark.parametrize("config", [
+    LoraConfig(task_type="SEQ_CLS", r=2, lora_dropout=0.5),
+    IDPGConfig(task_type="SEQ_CLS", num_virtual_tokens=T, generator_hidden_size=M, generator_dropout=0.5),
+], ids=["lora", "idpg"])
+@pytest.mark.parametrize("training", [False, True])
+def test_new_adapter_modules_follow_the_model_mode(config, training):
+    model = Fam.make_model("gpt2", "SEQ_CLS").train(training)
+    peft = get_peft_model(model, config)
+    assert {m.training for m in peft.modules()} == {training}
+    batch = inputs(Fam.make_batch("gpt2", "SEQ_CLS"))
+    with torch.no_grad():  # an eval-mode model gives the same answer twice: no adapter dropout left on
+        assert torch.equal(peft(**batch).logits, peft(**batch).logits) is not training

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import families as F
+import support_matrix
 from test_lora_properties import covers
 from unipeft import (
-    AdapterError, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model,
+    AdapterError, IDPGConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model,
 )
 
 T = 3  # virtual tokens
@@ -22,6 +23,7 @@ METHODS = {
     "prompt": lambda task: PromptTuningConfig(task_type=task, num_virtual_tokens=T),
     "ptuning": lambda task: PromptEncoderConfig(task_type=task, num_virtual_tokens=T, encoder_hidden_size=16),
     "prefix": lambda task: PrefixTuningConfig(task_type=task, num_virtual_tokens=T, prefix_projection=True, encoder_hidden_size=16),
+    "idpg": lambda task: IDPGConfig(task_type=task, num_virtual_tokens=T, generator_hidden_size=16, generator_dropout=0.0),
 }
 
 
@@ -108,7 +110,8 @@ def test_save_load_round_trip(method, family, task, tmp_path):
     expected = run(peft, batch)
     peft.save_pretrained(tmp_path)
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
-    assert "prompt_embeddings" in keys and all(k == "prompt_embeddings" or k.startswith("base_model.") for k in keys)
+    stored = "base_model.prompt_encoder.generator.4.weight" if method == "idpg" else "prompt_embeddings"
+    assert stored in keys and all(k == "prompt_embeddings" or k.startswith("base_model.") for k in keys)
     assert all(".modules_to_save." not in k and "word_embeddings" not in k for k in keys)
     for name in ("default", "other"):
         loaded = PeftModel.from_pretrained(F.make_model(family, task), tmp_path, adapter_name=name)
@@ -200,7 +203,9 @@ def test_generate_greedy_and_beam_with_and_without_cache(method, family, task):
     peft = make(method, family, task)
     ids = F.make_batch(family, task, batch=2, length=5)["input_ids"]
     encoder_decoder = task == "SEQ_2_SEQ_LM"
-    expected = greedy_by_forward(peft, ids, 4, encoder_decoder)
+    # an instance-dependent prompt (IDPG) comes from the input alone, not from the tokens generated so far
+    with peft._pinned_prompts((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+        expected = greedy_by_forward(peft, ids, 4, encoder_decoder)
     for model in (peft.get_base_model(), base_model := F.make_model(family, task)):
         model.generation_config.eos_token_id = None  # the greedy loop does not stop at EOS either
         model.generation_config.forced_eos_token_id = None
@@ -296,3 +301,8 @@ def test_parameter_counts_follow_the_formulas(family):
         base_total = sum(p.numel() for p in F.make_model(family, task).parameters())
         assert peft.get_nb_trainable_parameters() == (trainable, base_total + trainable), method
         assert peft.get_nb_inference_parameters() == (kept, base_total + kept), method
+
+
+def test_readme_prompt_matrix_is_current():
+    assert support_matrix.readme_block((support_matrix.PROMPT_START, support_matrix.PROMPT_END)) == \
+        support_matrix.render_prompt_methods(), "README prompt-method matrix is stale: run `python tests/support_matrix.py --write`"

@@ -45,7 +45,7 @@ def _names(text: str) -> list[str]:
 
 
 def add_train_parser(subparsers) -> None:
-    from .train.methods import known_methods
+    from .train.methods import known_methods, lr_help
     from .train.run import TrainOptions
 
     d = TrainOptions()
@@ -77,7 +77,7 @@ def add_train_parser(subparsers) -> None:
     how = p.add_argument_group("how to train")
     how.add_argument("--epochs", type=_positive(int), default=d.epochs, help="(default: %(default)s)")
     how.add_argument("--lr", type=_positive(float), default=d.lr,
-                     help="peak learning rate, linear warm-up and decay (default: 1e-3 for LoRA, 3e-2 for prompt methods)")
+                     help=f"peak learning rate, linear warm-up and decay (default: {lr_help()})")
     how.add_argument("--batch-size", type=_positive(int), default=d.batch_size, help="(default: %(default)s)")
     how.add_argument("--max-length", type=_positive(int), default=d.max_length, help="tokens per text, longer texts are cut (default: %(default)s)")
     how.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
@@ -90,7 +90,11 @@ def add_train_parser(subparsers) -> None:
     method.add_argument("--alpha", type=_positive(float), default=d.alpha, help="LoRA scale numerator, scale = alpha / r (default: %(default)s)")
     method.add_argument("--dropout", type=float, default=d.dropout, help="dropout on the adapter input (default: %(default)s)")
     method.add_argument("--num-virtual-tokens", type=_positive(int), default=d.num_virtual_tokens,
-                        help="virtual tokens of prompt, ptuning and prefix (default: %(default)s)")
+                        help="virtual tokens of prompt, ptuning, prefix, idpg and pg; they count against the model's "
+                             "positions together with --max-length (default: %(default)s)")
+    method.add_argument("--sentence-encoder", default=None, metavar="NAME_OR_PATH",
+                        help="idpg and pg: the frozen model that encodes each input for the prompt generator, a Hub "
+                             "name or local folder sharing the model's tokenizer (default: the model itself)")
     method.add_argument("--target-modules", type=_names, default=None,
                         help="comma-separated module names to adapt (default: the model family's, query,value for BERT)")
 

@@ -80,6 +80,7 @@ class PeftModel(nn.Module):
         check_task(model, peft_config.task_type)
         config = _with_task_heads(model, peft_config) if state_dict is None else dataclasses.replace(peft_config)
         self.base_model = AdapterModel(model, config, adapter_name, state_dict, source)
+        self.training = model.training
         if autocast_adapter_dtype:
             self._upcast_adapter(adapter_name)
 
@@ -121,17 +122,20 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total). The total counts the model as it runs: a task head trained as a copy counts
+        once, not also as the frozen original kept for `disable_adapter()` (HF PEFT counts both)."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(p.numel() for p in self.parameters()) - self.base_model.replaced_head_numel()
         return trainable, total
 
     def get_nb_inference_parameters(self) -> tuple[int, int]:
         """(trainable, total) once training-only parts (prefix MLP, P-tuning encoder) are folded away."""
         trainable, total = self.get_nb_trainable_parameters()
         for prompt in self.base_model.prompt_encoder.values():
-            training_only = sum(p.numel() for p in prompt.parameters()) - prompt.inference_numel()
+            params = prompt.trainable_parameters()
+            training_only = sum(p.numel() for p in params) - prompt.inference_numel()
             total -= training_only
-            if any(p.requires_grad for p in prompt.parameters()):
+            if any(p.requires_grad for p in params):
                 trainable -= training_only
         return trainable, total
 

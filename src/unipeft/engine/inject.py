@@ -174,6 +174,7 @@ class AdapterModel(nn.Module):
         return None
 
     def apply(self, plan: AdapterPlan) -> None:
+        existing = {id(m) for m in self.model.modules()}
         for planned in plan.layers:
             module = self.model.get_submodule(planned.module_name)
             if not isinstance(module, planned.layer_cls):
@@ -187,12 +188,24 @@ class AdapterModel(nn.Module):
                 self.model.set_submodule(module_name, module)
             module.add_adapter(plan.name, head)
         if plan.virtual is not None:
+            plan.virtual.adapter_state = self.adapter_state
             self.prompt_encoder[plan.name] = plan.virtual
             if self.virtual_inputs is None:
                 self.virtual_inputs = VirtualInputs(self.model, self.adapter_state, self.prompt_encoder)
         elif plan.config.target_modules is None:  # record the family default, as PEFT does
             plan.config.target_modules = list(plan.target_modules)
         self.peft_config[plan.name] = plan.config
+        self._follow_mode(existing)
+
+    def _follow_mode(self, existing: set[int]) -> None:
+        """New modules (wrappers, dropout, generators) take the model's train/eval mode, as if they had been
+        there when the user called `model.eval()`."""
+        mode = self.model.training
+        for module in self.modules():
+            if id(module) not in existing:
+                module.training = mode
+        for prompt in self.prompt_encoder.values():
+            prompt.train(mode)  # a method may keep frozen parts in eval mode (IDPG's sentence encoder)
 
     def add_adapter(self, name: str, config, state_dict: dict | None = None, source: str = "state_dict") -> None:
         plan = self.plan(name, config)
@@ -210,6 +223,11 @@ class AdapterModel(nn.Module):
         for module_name, module in self.model.named_modules():
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 yield module_name, module
+
+    def replaced_head_numel(self) -> int:
+        """Parameters of frozen original heads that trained copies stand in for while an adapter is active."""
+        return sum(p.numel() for _, module in self.adapter_layers() if isinstance(module, ModulesToSaveWrapper)
+                   and module.modules_to_save for p in module.original_module.parameters())
 
     def named_base_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for module_name, module in base_named_modules(self.model):
@@ -243,7 +261,7 @@ class AdapterModel(nn.Module):
     def trainable_tensors(self, name: str) -> list[torch.Tensor]:
         tensors = list(self.adapter_tensors(name).values())
         if name in self.prompt_encoder:
-            tensors += list(self.prompt_encoder[name].parameters())
+            tensors += self.prompt_encoder[name].trainable_parameters()
         return tensors
 
     def set_adapter(self, names) -> None:

@@ -15,7 +15,9 @@ forward pre-hook and one forward hook to stock transformers modules (never repla
   positions, so `generate()` works with and without cache and with any search.
 - encoder-decoder models: tokens are prepended in the encoder (whose output keeps them, for cross
   attention; the decoder's encoder mask grows to match); the prefix goes to decoder self-attention,
-  as Hugging Face PEFT does.
+  as Hugging Face PEFT does, and optionally to encoder self-attention and cross-attention (see
+  `prefix_attention`).
+- deep prompts (M-IDPG) also replace the first `t` hidden positions before every later block.
 
 During training the prefix lives in a cache whose `update` never stores, so gradient checkpointing can
 recompute a layer without the prefix growing.
@@ -30,6 +32,9 @@ import torch
 import torch.nn as nn
 
 from .layers import AdapterError, AdapterState
+from .prefix_attention import (
+    CROSS, DECODER_SELF, ENCODER_PREFIX, ENCODER_SELF, grow_mask, hook_encoder_attention, sites_of,
+)
 
 TOKENS, PREFIX = "tokens", "prefix"
 _TAG = "unipeft_virtual_tokens"  # set on a cache whose first positions are virtual
@@ -41,13 +46,17 @@ class VirtualInput(nn.Module):
     kind: str = TOKENS
     num_virtual: int = 0
     per_instance = False  # tokens depend on the input (IDPG): generate() computes them once per call
+    deep = False  # tokens for every block (M-IDPG): tokens() returns [1 or B, blocks, t, d]
+    adapter_state: AdapterState | None = None  # the model's shared state, set when the adapter is added
 
     def tokens(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """[1 or B, t, d] vectors prepended to the input embeddings (kind TOKENS)."""
+        """[1 or B, t, d] vectors prepended to the input embeddings (kind TOKENS). A deep prompt gives one
+        [t, d] slice per block: the first is prepended, block i's input has its first t positions replaced."""
         raise NotImplementedError
 
-    def prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer (key, value), each [1, kv_heads, t, head_dim] (kind PREFIX)."""
+    def prefix(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per attention site ("decoder_self", and in encoder-decoder models optionally "encoder_self" and
+        "cross"; see `prefix_attention`), per layer (key, value), each [1, kv_heads, t, head_dim] (kind PREFIX)."""
         raise NotImplementedError
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
@@ -61,9 +70,13 @@ class VirtualInput(nn.Module):
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         raise NotImplementedError
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What training updates: every parameter, unless a method holds frozen modules (IDPG's encoder)."""
+        return list(self.parameters())
+
     def inference_numel(self) -> int:
-        """Parameters still needed after training (the training-only networks folded away)."""
-        return sum(p.numel() for p in self.parameters())
+        """Trainable parameters still needed after training (the training-only networks folded away)."""
+        return sum(p.numel() for p in self.trainable_parameters())
 
 
 @functools.cache
@@ -100,23 +113,37 @@ class _NeverUpdated(dict):
         return False
 
 
-def _frozen_cache(prefix, encoder_decoder: bool):
+def _frozen_cache(self_prefix, encoder_decoder: bool, cross_prefix=None):
+    """Prefixes as (key, value) per layer, or None for a site without one."""
     from transformers.cache_utils import Cache, EncoderDecoderCache
 
-    self_cache = Cache(layers=[_frozen_prefix_layer(k, v) for k, v in prefix])
+    layers = len(self_prefix or cross_prefix)
+    self_cache = Cache(layers=[_frozen_prefix_layer(*pair) for pair in self_prefix or [(None, None)] * layers])
     if not encoder_decoder:
         return self_cache
-    cache = EncoderDecoderCache(self_cache, Cache(layers=[_frozen_prefix_layer() for _ in prefix]))
+    cross_cache = Cache(layers=[_frozen_prefix_layer(*pair) for pair in cross_prefix or [(None, None)] * layers])
+    cache = EncoderDecoderCache(self_cache, cross_cache)
     cache.is_updated = _NeverUpdated()
     return cache
 
 
-def _fill_cache(cache, prefix) -> None:
+def _fill_cache(cache, self_prefix, cross_prefix=None) -> None:
+    """Put the prefixes in an empty cache. A cross-attention layer that holds its prefix but is not marked
+    updated gets the encoder keys appended on the first decoder call and reuses [prefix; encoder] after."""
     from transformers.cache_utils import EncoderDecoderCache
 
-    target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-    for layer_idx, (key, value) in enumerate(prefix):
-        target.update(key, value, layer_idx)
+    if isinstance(cache, EncoderDecoderCache):
+        targets = ((cache.self_attention_cache, self_prefix), (cache.cross_attention_cache, cross_prefix))
+    elif cross_prefix:
+        raise AdapterError(
+            f"a cross-attention prefix needs an EncoderDecoderCache, got {type(cache).__name__}; pass none and "
+            f"the model makes one"
+        )
+    else:
+        targets = ((cache, self_prefix),)
+    for target, prefix in targets:
+        for layer_idx, (key, value) in enumerate(prefix or ()):
+            target.update(key, value, layer_idx)
 
 
 def expand_rows(tensor: torch.Tensor, batch: int) -> torch.Tensor:
@@ -183,9 +210,11 @@ class VirtualInputs:
         self._handles = []
         self._calls: list[int] = []  # per body call: virtual positions to drop from its output
         self._limits: dict[int, int | None] = {}
+        self._block_tokens: dict[int, torch.Tensor] = {}  # id(body) -> deep tokens of the call running in it
+        self._blocks_hooked: set[int] = set()
         if self.encoder_decoder:
-            self._hook(model.get_encoder(), self._before_encoder, None)
-            self._hook(model.get_decoder(), self._before_decoder, None)
+            self._hook(model.get_encoder(), self._before_encoder, self._after_call)
+            self._hook(model.get_decoder(), self._before_decoder, self._after_decoder)
         else:
             self._hook(body_of(model), self._before_body, self._after_body)
             if self.lm_head:
@@ -202,6 +231,7 @@ class VirtualInputs:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._blocks_hooked.clear()
 
     # ---- which adapter ---------------------------------------------------------------------------
     def active(self) -> tuple[str, VirtualInput] | None:
@@ -240,7 +270,16 @@ class VirtualInputs:
             _prepend(kwargs, "labels", found[1].num_virtual, -100)
         return kwargs
 
+    def _after_call(self, module, args, output):
+        self._block_tokens.pop(id(module), None)
+        return output
+
+    def _after_decoder(self, module, args, output):
+        _allow_checkpointing_with_cache(module, False)
+        return output
+
     def _after_body(self, module, args, output):
+        self._after_call(module, args, output)
         _allow_checkpointing_with_cache(module, False)
         count = self._calls.pop() if self._calls else 0
         if not count or output is None:
@@ -285,6 +324,10 @@ class VirtualInputs:
                 raise AdapterError("prompt-based adapters need input_ids or inputs_embeds")
             embeds = _input_embeddings(module)(ids)
         tokens = expand_rows(self._tokens(name, prompt, {"input_ids": ids, **kwargs}), embeds.shape[0])
+        if prompt.deep:
+            self._hook_blocks(module)
+            self._block_tokens[id(module)] = tokens
+            tokens = tokens[:, 0]
         kwargs["inputs_embeds"] = torch.cat([tokens.to(embeds.dtype), embeds], dim=1)
         _prepend(kwargs, "token_type_ids", prompt.num_virtual, 0)
         return kwargs
@@ -292,19 +335,49 @@ class VirtualInputs:
     def _prefix_cache(self, module, prompt, kwargs, cache):
         batch = _batch_size(kwargs)
         dtype = _compute_dtype(module)
-        prefix = [(expand_rows(k, batch).to(dtype), expand_rows(v, batch).to(dtype)) for k, v in prompt.prefix()]
+        sites = prompt.prefix()
+        self_prefix, cross_prefix = (
+            [(expand_rows(k, batch).to(dtype), expand_rows(v, batch).to(dtype)) for k, v in sites[site]]
+            if site in sites else None for site in (DECODER_SELF, CROSS)
+        )
         use_cache = kwargs.get("use_cache")
         use_cache = getattr(self.model.config, "use_cache", False) if use_cache is None else use_cache
         if cache is None and use_cache and not module.training:
             cache = _empty_cache(self.model, self.encoder_decoder)
         if cache is None:  # a later call may pass it back with the whole sequence again (generate without cache)
             self._check_checkpointing(module)
-            cache = _frozen_cache(prefix, self.encoder_decoder)
+            cache = _frozen_cache(self_prefix, self.encoder_decoder, cross_prefix)
             _allow_checkpointing_with_cache(module, True)
         else:
-            _fill_cache(cache, prefix)
+            _fill_cache(cache, self_prefix, cross_prefix)
         setattr(cache, _TAG, prompt.num_virtual)
         return cache
+
+    def _hook_blocks(self, body: nn.Module) -> None:
+        """Deep prompts: before block i (i >= 1) the first t hidden positions become the prompt's slice i."""
+        if body.training and any(getattr(m, "gradient_checkpointing", False) for m in body.modules()):
+            # a checkpointed block is recomputed after the call, when its slice is no longer at hand
+            raise AdapterError(
+                "a per-layer prompt (M-IDPG) cannot train with gradient checkpointing: disable gradient checkpointing "
+                "or use single-layer IDPG (multi_layer=False)"
+            )
+        if id(body) in self._blocks_hooked:
+            return
+        for index, block in enumerate(blocks_of(self.model, body)[1:], start=1):
+            self._handles.append(block.register_forward_pre_hook(
+                functools.partial(self._replace_block_input, id(body), index), with_kwargs=True))
+        self._blocks_hooked.add(id(body))
+
+    def _replace_block_input(self, body_id: int, index: int, block, args, kwargs):
+        tokens = self._block_tokens.get(body_id)
+        if tokens is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        count = tokens.shape[2]
+        hidden = torch.cat([tokens[:, index].to(hidden.dtype), hidden[:, count:]], dim=1)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
 
     def _check_checkpointing(self, module: nn.Module) -> None:
         from .sites import family_of
@@ -333,11 +406,21 @@ class VirtualInputs:
     # ---- encoder-decoder -------------------------------------------------------------------------
     def _before_encoder(self, module, kwargs: dict) -> dict:
         found = self.active()
-        if found is not None and found[1].kind == TOKENS:
-            name, prompt = found
+        if found is None:
+            return kwargs
+        name, prompt = found
+        if prompt.kind == TOKENS:
             self._check_length(module, kwargs, prompt.num_virtual)
             kwargs = self._prepend_tokens(module, name, prompt, kwargs)
             _prepend(kwargs, "attention_mask", prompt.num_virtual, 1)
+        elif ENCODER_SELF in sites_of(prompt):
+            hook_encoder_attention(module, self._handles)
+            batch, dtype = _batch_size(kwargs), _compute_dtype(module)
+            prefix = [(expand_rows(k, batch).to(dtype), expand_rows(v, batch).to(dtype))
+                      for k, v in prompt.prefix()[ENCODER_SELF]]
+            ids = kwargs.get("input_ids")
+            grow_mask(kwargs, "attention_mask", ids if ids is not None else kwargs.get("inputs_embeds"), prompt.num_virtual)
+            kwargs[ENCODER_PREFIX] = _frozen_cache(prefix, encoder_decoder=False)
         return kwargs
 
     def _before_decoder(self, module, kwargs: dict) -> dict:
@@ -350,8 +433,21 @@ class VirtualInputs:
             if mask is not None and states is not None and states.shape[1] == mask.shape[1] + prompt.num_virtual:
                 _prepend(kwargs, "encoder_attention_mask", prompt.num_virtual, 1)
             return kwargs
-        kwargs, _ = self._insert(module, name, prompt, kwargs, cache_key="past_key_values",
-                                 mask_key="attention_mask", position_key="position_ids")
+        sites = sites_of(prompt)
+        if CROSS in sites and kwargs.get("encoder_hidden_states") is not None:
+            grow_mask(kwargs, "encoder_attention_mask", kwargs["encoder_hidden_states"], prompt.num_virtual)
+        if DECODER_SELF in sites:
+            kwargs, _ = self._insert(module, name, prompt, kwargs, cache_key="past_key_values",
+                                     mask_key="attention_mask", position_key="position_ids")
+        elif CROSS in sites:  # only the cross-attention cache holds virtual positions: decoder mask and positions stay
+            cache = kwargs.get("past_key_values")
+            if cache is None or not cache.get_seq_length():
+                kwargs["past_key_values"] = self._prefix_cache(module, prompt, kwargs, cache)
+            elif getattr(cache, _TAG, None) != prompt.num_virtual:
+                raise AdapterError(
+                    f"past_key_values was not produced with prefix adapter {name!r} active; start from an empty "
+                    f"cache (or none) so its cross-attention prefix is added first"
+                )
         return kwargs
 
 
@@ -364,6 +460,19 @@ def _allow_checkpointing_with_cache(module: nn.Module, allow: bool) -> None:
                 layer._can_checkpoint_with_cache = True
             else:
                 layer.__dict__.pop("_can_checkpoint_with_cache", None)
+
+
+def blocks_of(model: nn.Module, body: nn.Module) -> nn.ModuleList:
+    """The transformer blocks inside `body` (the encoder for seq2seq), found by the family's container name."""
+    from .sites import DEFAULT_LAYER_PATTERNS, family_of
+
+    family = family_of(model)
+    names = (family.layers,) if family else DEFAULT_LAYER_PATTERNS
+    for name in names:
+        for path, module in body.named_modules():
+            if isinstance(module, nn.ModuleList) and path.split(".")[-1] == name:
+                return module
+    raise AdapterError(f"cannot find the transformer blocks of {type(body).__name__} (looked for {', '.join(names)})")
 
 
 def _input_embeddings(module: nn.Module) -> nn.Module:

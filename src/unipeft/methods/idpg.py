@@ -9,8 +9,10 @@ a small generator maps that vector to the `t` virtual tokens:
 The encoder is the base model itself by default (`"self"`: one extra frozen pass with every adapter off)
 or a Hugging Face model that shares the base model's tokenizer (it reads the same `input_ids`). Options
 from the paper: `phm_dim` makes both Linear layers PHM layers (W = sum_i A_i ⊗ B_i); `learn_encoder_prompt`
-("PG") also learns `t` vectors prepended to the encoder's input. M-IDPG is not supported (see
-`IDPGConfig.multi_layer`).
+("PG") also learns `t` vectors prepended to the encoder's input; `multi_layer` (M-IDPG) gives every block
+its own prompt from the same generator: the last layer's bias becomes one bias per block, the first
+block's prompt is prepended to the input and block i's input has its first `t` positions replaced by
+prompt i.
 
 The whole generator is needed at inference, so it is the checkpoint, under `prompt_encoder.*` keys (which
 the engine hands to `load_tensors` alone). The sentence encoder is never saved: it is the base model, or it
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..engine.inject import CheckpointMismatchError
-from ..engine.layers import AdapterError, AdapterState
-from ..engine.virtual import TOKENS, VirtualInput, body_of
+from ..engine.layers import AdapterError
+from ..engine.virtual import TOKENS, VirtualInput, blocks_of, body_of
 from ..registry import MethodSpec, register_method
 from .prompt import PromptLearningConfig, _model_dim, check_and_copy
 
@@ -48,9 +50,7 @@ class IDPGConfig(PromptLearningConfig):
     sentence_encoder: str = SELF
     sentence_encoder_hidden_size: Optional[int] = None  # checked against the encoder when given
     phm_dim: Optional[int] = None
-    # M-IDPG (per-layer prompts) needs the engine to tell a prompt each time it inserts its tokens, which it
-    # does not yet; the field exists so configs that name it fail clearly instead of training plain IDPG.
-    multi_layer: bool = False
+    multi_layer: bool = False  # M-IDPG: a prompt for every block (shared generator, a bias per block)
     learn_encoder_prompt: bool = False
 
     def validate(self) -> None:
@@ -65,12 +65,6 @@ class IDPGConfig(PromptLearningConfig):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"IDPGConfig.{name} must be a positive number or None, got {value}")
-        if self.multi_layer:
-            raise ConfigError(
-                "IDPGConfig.multi_layer (M-IDPG) is not supported yet: per-layer prompts must be re-inserted at every "
-                "call that adds the virtual tokens, and the engine does not tell prompt methods when that happens; "
-                "use multi_layer=False"
-            )
 
 
 class PHMLinear(nn.Module):
@@ -78,15 +72,14 @@ class PHMLinear(nn.Module):
     W = sum_i A_i ⊗ B_i, with A_i [n, n] (`rule`) and B_i [out/n, in/n] (`factors`), so it holds
     n^3 + in*out/n weights instead of in*out."""
 
-    def __init__(self, in_features: int, out_features: int, n: int) -> None:
+    def __init__(self, in_features: int, out_features: int, n: int, bias: bool = True) -> None:
         super().__init__()
         self.rule = nn.Parameter(torch.empty(n, n, n))
         self.factors = nn.Parameter(torch.empty(n, out_features // n, in_features // n))
-        self.bias = nn.Parameter(torch.empty(out_features))
+        self.bias = nn.Parameter(_bias_init(torch.empty(out_features), in_features)) if bias else None
         # Var(W) = n Var(A) Var(B): with std(A) = 1/n this matches nn.Linear's default initialisation.
         nn.init.normal_(self.rule, std=1 / n)
         nn.init.kaiming_uniform_(self.factors.view(-1, in_features // n), a=math.sqrt(5))
-        nn.init.uniform_(self.bias, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -98,8 +91,15 @@ class PHMLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def _linear(in_features: int, out_features: int, phm_dim: int | None) -> nn.Module:
-    return nn.Linear(in_features, out_features) if phm_dim is None else PHMLinear(in_features, out_features, phm_dim)
+def _bias_init(bias: torch.Tensor, fan_in: int) -> torch.Tensor:
+    """nn.Linear's default bias initialisation."""
+    return nn.init.uniform_(bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+
+
+def _linear(in_features: int, out_features: int, phm_dim: int | None, bias: bool = True) -> nn.Module:
+    if phm_dim is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return PHMLinear(in_features, out_features, phm_dim, bias=bias)
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -131,14 +131,20 @@ class InstancePrompts(VirtualInput):
         super().__init__()
         self.num_virtual, self.width = config.num_virtual_tokens, config.token_dim
         m, p, n = config.generator_hidden_size, config.generator_dropout, config.phm_dim
+        out = self.num_virtual * self.width
+        self.deep = config.multi_layer
         self.generator = nn.Sequential(
-            nn.Dropout(p), _linear(encoder_dim, m, n), nn.GELU(), nn.Dropout(p), _linear(m, self.num_virtual * self.width, n),
+            nn.Dropout(p), _linear(encoder_dim, m, n), nn.GELU(), nn.Dropout(p), _linear(m, out, n, bias=not self.deep),
         )
         self.sentence_encoder = encoder.requires_grad_(False).eval() if encoder is not None else None
         # The base model (for "self") sits in a plain tuple: as a submodule its weights would be counted,
         # trained and saved a second time.
         encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self._base = (model, model.get_encoder() if encoder_decoder else body_of(model))
+        self.register_parameter("layer_bias", None)
+        if self.deep:  # [blocks, t * d]: each block's bias for the shared generator's last layer
+            blocks = len(blocks_of(model, self._base[1]))
+            self.layer_bias = nn.Parameter(_bias_init(torch.empty(blocks, out), m))
         runs = encoder if encoder is not None else self._base[1]
         self._no_cache = {"use_cache": False} if "use_cache" in inspect.signature(runs.forward).parameters else {}
         self.register_parameter("encoder_prompt", None)
@@ -148,28 +154,17 @@ class InstancePrompts(VirtualInput):
             self.encoder_prompt = nn.Parameter(embeddings[ids].detach().clone().float())  # rows of real words
 
     # ---- the frozen sentence encoder -------------------------------------------------------------
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        """IDPG's own parameters. The HF sentence encoder is a submodule (it moves with `.to()` and counts in the
-        model's total) but is frozen: the engine makes every parameter a prompt lists trainable."""
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The HF sentence encoder is a submodule (it moves with `.to()` and counts in the model's total) but
+        stays frozen."""
         frozen = {id(q) for q in self.sentence_encoder.parameters()} if self.sentence_encoder is not None else set()
-        for name, param in super().named_parameters(prefix, recurse, remove_duplicate):
-            if id(param) not in frozen:
-                yield name, param
+        return [p for p in self.parameters() if id(p) not in frozen]
 
     def train(self, mode: bool = True) -> "InstancePrompts":
         super().train(mode)
         if self.sentence_encoder is not None:
             self.sentence_encoder.eval()
         return self
-
-    def _adapter_state(self) -> AdapterState | None:
-        """The model's shared AdapterState, found on any adapter wrapper (the engine does not hand it to prompt
-        methods). Without a wrapper, calling the body's `forward` directly, past the engine's hooks, is enough."""
-        for module in self._base[0].modules():
-            state = getattr(module, "adapter_state", None)
-            if isinstance(state, AdapterState):
-                return state
-        return None
 
     @contextlib.contextmanager
     def _frozen_pass(self):
@@ -179,7 +174,7 @@ class InstancePrompts(VirtualInput):
             yield self.sentence_encoder
             return
         body = self._base[1]
-        state = self._adapter_state()
+        state = self.adapter_state
         disabled = state.disabled if state is not None else None
         try:
             if state is not None:
@@ -224,7 +219,11 @@ class InstancePrompts(VirtualInput):
     # ---- the VirtualInput interface --------------------------------------------------------------
     def tokens(self, inputs) -> torch.Tensor:
         vectors = self.sentence_vectors(inputs).to(self.generator[1].bias.dtype)
-        return self.generator(vectors).view(-1, self.num_virtual, self.width)
+        prompts = self.generator(vectors)
+        if self.layer_bias is None:
+            return prompts.view(-1, self.num_virtual, self.width)
+        prompts = prompts.unsqueeze(1) + self.layer_bias  # [B, blocks, t * d]
+        return prompts.view(prompts.shape[0], -1, self.num_virtual, self.width)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         state = self.state_dict(keep_vars=True)

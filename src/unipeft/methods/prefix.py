@@ -4,6 +4,17 @@ The flat form (`prompt_embeddings`, [num_virtual_tokens, num_layers * 2 * token_
 PEFT's layout; with `prefix_projection` it is produced by a Tanh MLP during training, which the
 checkpoint keeps beside the flat form so training can resume. Grouped-query models store keys and
 values with their key/value head count, as PEFT does.
+
+Encoder-decoder models put the prefix in the decoder's self-attention, as PEFT does. `prefix_sites`
+(a unipeft field) adds the encoder's self-attention and the decoder's cross-attention, as in Li & Liang's
+prefix tuning for BART; each site has its own keys and values for every layer. The flat form then holds
+one block of columns per chosen site, in the order `decoder_self`, `encoder_self`, `cross`:
+
+    [t, num_layers * 2 * token_dim | encoder_layers * 2 * token_dim | decoder_layers * 2 * token_dim]
+
+Inside a block, layer i has the columns of pair i (keys, then values, each heads x head_dim), except that
+`decoder_self` keeps PEFT's mapping (decoder layer i reads pair 2i mod num_layers). With the default
+`prefix_sites=("decoder_self",)` the tensor and `adapter_config.json` are exactly PEFT's.
 """
 from __future__ import annotations
 
@@ -14,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
+from ..engine.prefix_attention import CROSS, DECODER_SELF, ENCODER_SELF, PREFIX_SITES, attention_layers
 from ..engine.virtual import PREFIX, supports_cache
 from ..registry import MethodSpec, register_method
 from .prompt import PromptLearningConfig, VirtualPrompt
@@ -25,6 +37,24 @@ class PrefixTuningConfig(PromptLearningConfig):
     encoder_hidden_size: Optional[int] = None
     prefix_projection: bool = False
     init_weights: Optional[Literal["zero"]] = None
+    # unipeft: attention sites of encoder-decoder models that get a prefix (see the module docstring)
+    prefix_sites: tuple[str, ...] = (DECODER_SELF,)
+
+    def validate(self) -> None:
+        super().validate()
+        sites = list(self.prefix_sites)
+        unknown = [s for s in sites if s not in PREFIX_SITES]
+        if unknown or not sites or len(set(sites)) != len(sites):
+            raise ConfigError(
+                f"PrefixTuningConfig.prefix_sites must be distinct values among {list(PREFIX_SITES)}, got {sites!r}"
+            )
+        self.prefix_sites = tuple(s for s in PREFIX_SITES if s in sites)  # the order of the stored blocks
+
+    def to_dict(self) -> dict:
+        data = super().to_dict()
+        if self.prefix_sites == (DECODER_SELF,):  # PEFT's behaviour: write PEFT's file, field for field
+            del data["prefix_sites"]
+        return data
 
     def model_sizes(self, model: nn.Module) -> dict:
         """Keys and values are stored per key/value head (grouped-query models have fewer than query heads)."""
@@ -48,28 +78,37 @@ class PrefixTuningConfig(PromptLearningConfig):
 class PrefixKeysValues(VirtualPrompt):
     kind = PREFIX
 
-    def __init__(self, config: PrefixTuningConfig) -> None:
-        layers, dim = config.num_layers, config.token_dim
+    def __init__(self, config: PrefixTuningConfig, site_layers: dict[str, int]) -> None:
+        dim = config.token_dim
+        width = sum(site_layers.values()) * 2 * dim
         project = config.prefix_projection and not config.inference_mode
         encoder = nn.Sequential(
-            nn.Linear(dim, config.encoder_hidden_size), nn.Tanh(), nn.Linear(config.encoder_hidden_size, layers * 2 * dim),
+            nn.Linear(dim, config.encoder_hidden_size), nn.Tanh(), nn.Linear(config.encoder_hidden_size, width),
         ) if project else None
-        super().__init__(config.num_virtual_tokens, dim if project else layers * 2 * dim, encoder)
+        super().__init__(config.num_virtual_tokens, dim if project else width, encoder)
         if config.init_weights == "zero":
             nn.init.zeros_(encoder[-1].weight if project else self.embedding.weight)
             if project:
                 nn.init.zeros_(encoder[-1].bias)
         self.num_virtual = config.num_virtual_tokens
-        self.layout = (layers, config.num_attention_heads, dim // config.num_attention_heads)
+        self.sites = tuple(site_layers)
+        self.site_layers = site_layers
+        self.heads, self.head_dim = config.num_attention_heads, dim // config.num_attention_heads
         # PEFT's encoder-decoder layout (num_transformer_submodules=2) gives decoder layer i the stored
         # pair 2i mod num_layers; we read it the same way so checkpoints mean the same in both libraries.
+        layers = config.num_layers
         self.pair_of_layer = [(2 * i) % layers if config.num_transformer_submodules == 2 else i for i in range(layers)]
 
-    def prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        layers, heads, head_dim = self.layout
-        flat = self()  # [t, layers * 2 * heads * head_dim]
-        pairs = flat.view(self.num_virtual, layers * 2, heads, head_dim).permute(1, 2, 0, 3).unsqueeze(1)
-        return [(pairs[2 * j], pairs[2 * j + 1]) for j in self.pair_of_layer]  # each [1, heads, t, head_dim]
+    def prefix(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        flat = self()  # [t, sum of layers * 2 * heads * head_dim]
+        pairs = flat.view(self.num_virtual, -1, self.heads, self.head_dim).permute(1, 2, 0, 3).unsqueeze(1)
+        out, start = {}, 0
+        for site, layers in self.site_layers.items():
+            block = pairs[start:start + 2 * layers]
+            start += 2 * layers
+            order = self.pair_of_layer if site == DECODER_SELF else range(layers)
+            out[site] = [(block[2 * j], block[2 * j + 1]) for j in order]  # each [1, heads, t, head_dim]
+        return out
 
 
 def build_prefix(model: nn.Module, config: PrefixTuningConfig) -> PrefixKeysValues:
@@ -80,7 +119,24 @@ def build_prefix(model: nn.Module, config: PrefixTuningConfig) -> PrefixKeysValu
         )
     if config.token_dim % config.num_attention_heads:
         raise ConfigError(f"token_dim {config.token_dim} is not divisible by num_attention_heads {config.num_attention_heads}")
-    return PrefixKeysValues(config)
+    sites = config.prefix_sites
+    extra = [s for s in sites if s != DECODER_SELF]
+    if extra and not getattr(model.config, "is_encoder_decoder", False):
+        raise ConfigError(
+            f"prefix_sites {list(extra)} exist only in encoder-decoder models, but {type(model).__name__} has a single "
+            f"stack (decoder-only or encoder-only); use prefix_sites=('decoder_self',), the default, which puts the "
+            f"prefix in its self-attention"
+        )
+    site_layers = {DECODER_SELF: config.num_layers} if DECODER_SELF in sites else {}
+    for site, stack in ((ENCODER_SELF, "get_encoder"), (CROSS, "get_decoder")):
+        if site in sites:
+            site_layers[site] = attention_layers(getattr(model, stack)())
+            if not site_layers[site]:
+                raise ConfigError(
+                    f"prefix_sites {site!r}: found no attention module that reads a cache in {type(model).__name__}'s "
+                    f"{stack[4:]}; this model supports only prefix_sites=('decoder_self',)"
+                )
+    return PrefixKeysValues(config, site_layers)
 
 
 register_method(MethodSpec("PREFIX_TUNING", PrefixTuningConfig, None, "prompt_", "", build_virtual=build_prefix))

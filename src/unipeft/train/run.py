@@ -15,7 +15,7 @@ from typing import Callable
 
 from . import data as data_mod
 from .errors import UsageError
-from .methods import check_method, default_lr, method_config
+from .methods import IDPG_METHODS, PROMPT_METHODS, check_method, default_lr, method_config
 
 METRICS_FILE = "metrics.json"
 
@@ -28,7 +28,7 @@ class TrainOptions:
     text_column: str | None = None  # None: "text"
     label_column: str | None = None  # None: "label" for files, "sentiment" for the embedded corpus
     epochs: int = 3
-    lr: float | None = None  # None: the method's default (1e-3 LoRA, 3e-2 prompt methods)
+    lr: float | None = None  # None: the method's default (methods.DEFAULT_LR: 1e-3 LoRA, larger for prompt methods)
     batch_size: int = 32
     max_length: int = 64
     output_dir: str | None = None  # None: runs/<timestamp>
@@ -40,6 +40,7 @@ class TrainOptions:
     alpha: float = 16.0
     dropout: float = 0.0
     num_virtual_tokens: int = 20  # prompt methods
+    sentence_encoder: str | None = None  # idpg, pg: None is the base model itself ("self")
     target_modules: list[str] | None = None  # None: the model family's default (query, value for BERT)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
@@ -87,6 +88,60 @@ def _device(requested: str | None):
     return device
 
 
+def _check_room_for_virtual_tokens(options: TrainOptions, model) -> None:
+    """Texts are cut at max_length tokens, and a prompt method adds num_virtual_tokens positions in front of
+    them: refuse before training when both together overflow a learned position table (MiniLM: 512), which
+    would otherwise fail at the first long batch. Models with relative or rotary positions have no such limit."""
+    from ..engine.virtual import position_limit
+
+    limit = position_limit(model)
+    room = None if limit is None else limit - options.num_virtual_tokens
+    if room is not None and options.max_length > room:
+        if room < 1:
+            raise UsageError(f"{options.num_virtual_tokens} virtual tokens leave no room for text in the model's "
+                             f"{limit} positions; choose fewer --num-virtual-tokens")
+        raise UsageError(f"max_length {options.max_length} plus {options.num_virtual_tokens} virtual tokens is more "
+                         f"than the model's {limit} positions; use --max-length {room} or less (or fewer "
+                         f"--num-virtual-tokens)")
+
+
+def _check_sentence_encoder(options: TrainOptions, tokenizer) -> None:
+    """A separate sentence encoder reads the base model's input_ids: it must know every id of the tokenizer and
+    (with pg's encoder prompt in front) have positions for the longest text. Checked from its config alone."""
+    from transformers import AutoConfig
+
+    name = options.sentence_encoder
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(name))
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"cannot load sentence encoder {name!r}: {first_line}") from None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and vocab < len(tokenizer):
+        raise UsageError(f"sentence encoder {name!r} has {vocab} tokens but the model's tokenizer has "
+                         f"{len(tokenizer)}; it must share the model's tokenizer")
+    positions = getattr(config, "max_position_embeddings", None)
+    extra = options.num_virtual_tokens if check_method(options.method) == "pg" else 0
+    if isinstance(positions, int) and options.max_length + extra > positions:
+        raise UsageError(f"sentence encoder {name!r} has {positions} positions, fewer than max_length "
+                         f"{options.max_length}" + (f" plus {extra} encoder-prompt tokens" if extra else ""))
+
+
+def _describe(attached) -> str:
+    """What the adapter is attached to, for the log: target modules or virtual tokens (and IDPG's encoder)."""
+    targets = getattr(attached, "target_modules", None)
+    if targets:
+        return f"target modules: {targets if isinstance(targets, str) else ', '.join(sorted(targets))}"
+    where = f"{attached.num_virtual_tokens} virtual tokens"
+    encoder = getattr(attached, "sentence_encoder", None)
+    if encoder is not None:
+        where += f", sentence encoder: {'the model itself' if encoder == 'self' else encoder}"
+        if getattr(attached, "learn_encoder_prompt", False):
+            where += " with a learned encoder prompt"
+    return where
+
+
 def _attach_adapter(model, config):
     from ..config import ConfigError
     from ..engine.targeting import TargetError
@@ -126,21 +181,23 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     torch.manual_seed(options.seed)  # the new head and the adapter start from seeded random values
     model, tokenizer = load_model(model_name, dataset.labels)
     check_max_length(options.max_length, tokenizer, model)
+    if method in PROMPT_METHODS:
+        _check_room_for_virtual_tokens(options, model)
+    if method in IDPG_METHODS and options.sentence_encoder:
+        _check_sentence_encoder(options, tokenizer)
     peft_model = _attach_adapter(model, config).to(device)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log(f"model: {model_name} ({type(model).__name__}) on {device}")
     attached = peft_model.active_peft_config  # the family's default targets and the task head filled in
-    targets = getattr(attached, "target_modules", None)
-    where = (f"target modules: {targets if isinstance(targets, str) else ', '.join(sorted(targets))}"
-             if targets else f"{attached.num_virtual_tokens} virtual tokens")
-    log(f"method: {method} ({where}; trained and saved head: {', '.join(attached.modules_to_save or []) or 'none'})")
+    log(f"method: {method} ({_describe(attached)}; trained and saved head: "
+        f"{', '.join(attached.modules_to_save or []) or 'none'})")
     log(f"trainable params: {trainable:,d} of {total:,d} ({100 * trainable / total:.4f}%)")
 
     train_loader = make_loader(dataset.train, tokenizer, options.batch_size, options.max_length,
                                shuffle=True, seed=options.seed)
     val_loader = make_loader(dataset.validation, tokenizer, options.batch_size, options.max_length)
     test_loader = make_loader(dataset.test, tokenizer, options.batch_size, options.max_length)
-    lr = options.lr if options.lr is not None else default_lr(options.method)
+    lr = options.lr if options.lr is not None else default_lr(method)
     optimizer = make_optimizer(peft_model, lr, options.weight_decay)
     scheduler = make_scheduler(optimizer, options.epochs * len(train_loader), options.warmup_ratio)
 
@@ -177,6 +234,8 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
+        "lr": lr,
+        "steps": options.epochs * len(train_loader),
         "device": str(device),
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,
