@@ -6,6 +6,7 @@ run's options, and `DEFAULT_LR` holds the learning rate it trains with unless `-
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Callable
 
 from .errors import UsageError
@@ -47,8 +48,9 @@ def _idpg(options: "TrainOptions", learn_encoder_prompt: bool = False) -> "PeftC
 
     # The generator keeps its own defaults (hidden size 384, dropout 0.1); the sentence encoder is the base
     # model itself unless --sentence-encoder names a model that shares its tokenizer.
-    return IDPGConfig(task_type="SEQ_CLS", num_virtual_tokens=options.num_virtual_tokens,
-                      sentence_encoder=options.sentence_encoder or SELF, learn_encoder_prompt=learn_encoder_prompt)
+    encoder = os.path.expanduser(options.sentence_encoder) if options.sentence_encoder else SELF
+    return IDPGConfig(task_type="SEQ_CLS", num_virtual_tokens=options.num_virtual_tokens, sentence_encoder=encoder,
+                      learn_encoder_prompt=learn_encoder_prompt)
 
 
 def _pg(options: "TrainOptions") -> "PeftConfig":
