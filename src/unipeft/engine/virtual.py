@@ -158,6 +158,11 @@ def expand_rows(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor.repeat_interleave(batch // rows, dim=0)
 
 
+def _batched(pairs, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (key, value) prefixes expanded to the call's batch and cast to its compute dtype."""
+    return [(expand_rows(k, batch).to(dtype), expand_rows(v, batch).to(dtype)) for k, v in pairs]
+
+
 def _prepend(kwargs: dict, key: str, count: int, value) -> None:
     tensor = kwargs.get(key)
     if tensor is None or tensor.dim() != 2:
@@ -336,10 +341,8 @@ class VirtualInputs:
         batch = _batch_size(kwargs)
         dtype = _compute_dtype(module)
         sites = prompt.prefix()
-        self_prefix, cross_prefix = (
-            [(expand_rows(k, batch).to(dtype), expand_rows(v, batch).to(dtype)) for k, v in sites[site]]
-            if site in sites else None for site in (DECODER_SELF, CROSS)
-        )
+        self_prefix, cross_prefix = (_batched(sites[site], batch, dtype) if site in sites else None
+                                     for site in (DECODER_SELF, CROSS))
         use_cache = kwargs.get("use_cache")
         use_cache = getattr(self.model.config, "use_cache", False) if use_cache is None else use_cache
         if cache is None and use_cache and not module.training:
@@ -415,9 +418,7 @@ class VirtualInputs:
             _prepend(kwargs, "attention_mask", prompt.num_virtual, 1)
         elif ENCODER_SELF in sites_of(prompt):
             hook_encoder_attention(module, self._handles)
-            batch, dtype = _batch_size(kwargs), _compute_dtype(module)
-            prefix = [(expand_rows(k, batch).to(dtype), expand_rows(v, batch).to(dtype))
-                      for k, v in prompt.prefix()[ENCODER_SELF]]
+            prefix = _batched(prompt.prefix()[ENCODER_SELF], _batch_size(kwargs), _compute_dtype(module))
             ids = kwargs.get("input_ids")
             grow_mask(kwargs, "attention_mask", ids if ids is not None else kwargs.get("inputs_embeds"), prompt.num_virtual)
             kwargs[ENCODER_PREFIX] = _frozen_cache(prefix, encoder_decoder=False)
