@@ -12,10 +12,14 @@ from typing import Callable, Optional
 
 METHOD_MODULES: dict[str, str] = {
     "LORA": "unipeft.methods.lora",
+    "IA3": "unipeft.methods.ia3",
     "PROMPT_TUNING": "unipeft.methods.prompt",
     "P_TUNING": "unipeft.methods.prompt",
     "PREFIX_TUNING": "unipeft.methods.prefix",
     "IDPG": "unipeft.methods.idpg",
+    "BITFIT": "unipeft.methods.bitfit",
+    "BOTTLENECK": "unipeft.methods.bottleneck",
+    "UNIFIED": "unipeft.methods.unified",
 }
 
 PeftType = enum.Enum("PeftType", {name: name for name in METHOD_MODULES}, type=str)
@@ -33,6 +37,8 @@ class MethodSpec:
     site_key: str  # which default-target list of the family site table the method uses
     # For prompt methods: (model, resolved config) -> engine.virtual.VirtualInput holding its tensors
     build_virtual: Optional[Callable] = None
+    # For union configs (the design space): (config, model) -> the plain method configs it is made of
+    components: Optional[Callable] = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

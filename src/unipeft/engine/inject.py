@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..registry import get_method
 from .layers import (
     BASE, AdapterError, AdapterLayer, AdapterState, ModulesToSaveWrapper, Routing, base_named_modules,
-    innermost, named_part_tensors,
+    innermost, logical_name, named_part_tensors, wrapper_of,
 )
 from .sites import default_targets
 from .targeting import TargetError, find_targets, logical_modules, name_matches
@@ -45,6 +45,7 @@ class AdapterPlan:
     heads: dict[str, nn.Module] = field(default_factory=dict)
     target_modules: Any = None
     virtual: VirtualInput | None = None  # prompt methods: the virtual tokens or prefix
+    resolved_config: Any = None  # the last planned part's config with the model's sizes filled in
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Checkpoint key (without the `base_model.model.` prefix) -> the new tensor it fills."""
@@ -60,7 +61,7 @@ def _module_bias_name(module_name: str, module: nn.Module) -> str | None:
     base = innermost(module)
     if getattr(base, "bias", None) is None:
         return None
-    return f"{module_name}.base_layer.bias" if isinstance(module, AdapterLayer) else f"{module_name}.bias"
+    return f"{logical_name(module_name)}.base_layer.bias" if isinstance(module, AdapterLayer) else f"{module_name}.bias"
 
 
 class AdapterModel(nn.Module):
@@ -83,17 +84,30 @@ class AdapterModel(nn.Module):
             raise AdapterError(f"invalid adapter name {name!r}: use a non-empty name without '.', not {BASE!r}")
         if name in self.peft_config:
             raise AdapterError(f"adapter {name!r} already exists; delete_adapter({name!r}) first or choose another name")
-        spec = get_method(config.peft_type)
-        if spec.build_virtual is not None:
-            config = config.resolved(self.model)
         plan = AdapterPlan(name, config)
         head_specs = list(getattr(config, "modules_to_save", None) or [])
         for module_name, module in logical_modules(self.model):
             if name_matches(module_name, head_specs) and not any(module_name.startswith(h + ".") for h in plan.heads):
                 plan.heads[module_name] = copy.deepcopy(module).requires_grad_(True)
+        spec = get_method(config.peft_type)
+        parts = spec.components(config, self.model) if spec.components else [config]
+        for part in parts:
+            self._plan_part(plan, part)
+        if spec.components is None:
+            plan.config = plan.resolved_config
+        return plan
+
+    def _plan_part(self, plan: AdapterPlan, config) -> None:
+        """Add one plain method's tensors to the plan (a union config has several)."""
+        spec = get_method(config.peft_type)
+        if hasattr(config, "resolved"):  # sizes or sites read from the model
+            config = config.resolved(self.model)
+        plan.resolved_config = config
         if spec.build_virtual is not None:
+            if plan.virtual is not None:
+                raise AdapterError("one adapter can hold only one prompt-based part")
             plan.virtual = spec.build_virtual(self.model, config).to(*self._model_device_dtype())
-            return plan
+            return
         plan.target_modules = targets = config.target_modules or default_targets(self.model, spec.site_key)
         for module_name in find_targets(
             self.model, targets, exclude_modules=getattr(config, "exclude_modules", None),
@@ -108,11 +122,10 @@ class AdapterModel(nn.Module):
                     f"{module_name} is a {type(base).__name__}, which {spec.peft_type} cannot adapt; "
                     f"narrow target_modules to supported layers"
                 )
-            if isinstance(module, AdapterLayer) and not isinstance(module, layer_cls):
-                raise TargetError(f"{module_name} already carries a {type(module).__name__}; stacking methods on one layer is not supported")
+            if any(p.module_name == module_name and p.layer_cls is layer_cls for p in plan.layers):
+                raise AdapterError(f"two parts of adapter {plan.name!r} would put a {layer_cls.__name__} on {module_name}")
             parts, hparams = layer_cls.make_parts(base, config, module_name)
             plan.layers.append(PlannedLayer(module_name, layer_cls, parts, hparams))
-        return plan
 
     def fill_plan(self, plan: AdapterPlan, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         """Check a checkpoint against the plan and copy it in. Returns base tensors (trained biases,
@@ -176,11 +189,13 @@ class AdapterModel(nn.Module):
     def apply(self, plan: AdapterPlan) -> None:
         existing = {id(m) for m in self.model.modules()}
         for planned in plan.layers:
-            module = self.model.get_submodule(planned.module_name)
-            if not isinstance(module, planned.layer_cls):
-                module = planned.layer_cls(module, self.adapter_state)
+            outer = self.model.get_submodule(planned.module_name)
+            module = wrapper_of(outer, planned.layer_cls)
+            if module is None:  # a new wrapper goes outside any other method's wrapper of this module
+                module = planned.layer_cls(outer, self.adapter_state)
                 self.model.set_submodule(planned.module_name, module)
             module.add_adapter(plan.name, planned.parts, planned.hparams)
+            module.attach(self.model)
         for module_name, head in plan.heads.items():
             module = self.model.get_submodule(module_name)
             if not isinstance(module, ModulesToSaveWrapper):
@@ -192,7 +207,7 @@ class AdapterModel(nn.Module):
             self.prompt_encoder[plan.name] = plan.virtual
             if self.virtual_inputs is None:
                 self.virtual_inputs = VirtualInputs(self.model, self.adapter_state, self.prompt_encoder)
-        elif plan.config.target_modules is None:  # record the family default, as PEFT does
+        elif getattr(plan.config, "target_modules", ()) is None:  # record the family default, as PEFT does
             plan.config.target_modules = list(plan.target_modules)
         self.peft_config[plan.name] = plan.config
         self._follow_mode(existing)
@@ -243,7 +258,7 @@ class AdapterModel(nn.Module):
         bias = getattr(self.peft_config[name], "bias", "none")
         for module_name, module in self.adapter_layers():
             if isinstance(module, AdapterLayer) and name in module.hparams:
-                out.update(named_part_tensors(module_name, module.parts_of(name)))
+                out.update(named_part_tensors(logical_name(module_name), module.parts_of(name)))
                 bias_name = _module_bias_name(module_name, module) if bias == "lora_only" else None
                 if bias_name:
                     out[bias_name] = innermost(module).bias
@@ -327,6 +342,14 @@ class AdapterModel(nn.Module):
                 f"inputs, not a weight change; keep the PeftModel (or unload() to drop them)"
             )
         layers = [(n, m) for n, m in self.adapter_layers() if isinstance(m, AdapterLayer)]
+        unmergeable = sorted({f"{n} ({type(m).__name__} at {module_name})" for module_name, m in layers
+                              for n in names if n in m.hparams and not m.mergeable})
+        if unmergeable:
+            raise AdapterError(
+                f"cannot merge: {unmergeable[0]}{' and others' if len(unmergeable) > 1 else ''} is a bottleneck adapter, "
+                f"whose change passes through a nonlinearity and is no weight change; nothing was merged. Keep the "
+                f"PeftModel for inference (or unload() to drop the adapter)"
+            )
         if safe_merge:  # check every layer first so a refusal leaves the base untouched
             for module_name, layer in layers:
                 for name in names:
@@ -345,8 +368,9 @@ class AdapterModel(nn.Module):
         if merge:
             self.merge(adapter_names, safe_merge)
         keep = (list(adapter_names or self.adapter_state.active)) if merge else []
-        for module_name, module in list(self.adapter_layers()):
+        for module_name, module in reversed(list(self.adapter_layers())):  # inner wrappers first
             if isinstance(module, AdapterLayer):
+                module.detach()
                 self.model.set_submodule(module_name, module.base_layer)
             else:
                 chosen = next((n for n in keep if n in module.modules_to_save), None)
@@ -365,9 +389,11 @@ class AdapterModel(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         self.check_names([name])
-        for module_name, module in list(self.adapter_layers()):
+        for module_name, module in reversed(list(self.adapter_layers())):  # inner wrappers first
             module.remove_adapter(name)
             if not module.adapter_names:
+                if isinstance(module, AdapterLayer):
+                    module.detach()
                 inner = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
                 self.model.set_submodule(module_name, inner)
         del self.peft_config[name]

@@ -1,8 +1,10 @@
 """What every adapter layer shares, written once: the active set, disable, mixed-batch routing, merge.
 
 A weight-level method subclasses `AdapterLayer` and supplies three things: `make_parts` (its tensors
-for one adapter), `delta` (the change to the layer output for input x) and `delta_weight` (the same
-change as a weight, for merging). Everything else lives here.
+for one adapter), `delta` (the change to the layer output, computed from `delta_input`: the layer's input x
+unless the method reads something else) and `delta_weight` (the same change as a weight, for merging).
+Everything else lives here. Wrappers of different methods may nest on one module (LoRA inside a
+sequential adapter, say): each adds its change to what the wrapper inside it returns.
 """
 from __future__ import annotations
 
@@ -69,6 +71,8 @@ def named_part_tensors(prefix: str, parts: dict[str, Any]) -> dict[str, torch.Te
 class AdapterLayer(nn.Module):
     """Wraps `base_layer` (kept intact as a child) and adds the deltas of the active adapters."""
 
+    mergeable = True  # False where the change is not a function of the weights alone (bottleneck adapters)
+
     def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -86,12 +90,16 @@ class AdapterLayer(nn.Module):
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def delta_input(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What `delta` reads: the layer input x by default; the output for sequential methods."""
+        return x
+
     def delta_weight(self, name: str) -> torch.Tensor:
         raise AdapterError(f"{type(self).__name__} cannot be merged into the base weights")
 
     def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result + delta; a method may fuse the addition into its last matmul."""
-        return result + self.delta(name, x)
+        return result + self.delta(name, self.delta_input(name, x, result))
 
     def fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         """base_layer(x) + delta of the one active adapter in a single step, or None for the general path."""
@@ -101,6 +109,15 @@ class AdapterLayer(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return list(self.hparams)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for model code that reads it (T5 checks `wo.weight.dtype`), as HF PEFT's layers do."""
+        return innermost(self.base_layer).weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(innermost(self.base_layer), "bias", None)
 
     def parts_of(self, name: str) -> dict[str, Any]:
         return {p: getattr(self, p)[name] for p in self.part_names}
@@ -113,6 +130,12 @@ class AdapterLayer(nn.Module):
                 self.part_names.append(part)
             getattr(self, part)[name] = value
         self.hparams[name] = hparams
+
+    def attach(self, model: nn.Module) -> None:
+        """Connect to other modules of the model (hooks) once an adapter was added; see `detach`."""
+
+    def detach(self) -> None:
+        """Undo what the layer did to the model outside itself (hooks), before it is removed."""
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -139,7 +162,8 @@ class AdapterLayer(nn.Module):
         if state.routing is not None:
             for name, rows in state.routing.groups(x.shape[0], x.device):
                 if name in self.hparams:
-                    result = result.index_add(0, rows, self.delta(name, x.index_select(0, rows)).to(result.dtype))
+                    source = self.delta_input(name, x, result).index_select(0, rows)
+                    result = result.index_add(0, rows, self.delta(name, source).to(result.dtype))
             return result
         for name in state.active:
             if name in self.hparams and name not in self.merged_adapters:
@@ -148,7 +172,8 @@ class AdapterLayer(nn.Module):
 
     # ---- merge ---------------------------------------------------------------------------------
     def base_weight(self) -> nn.Parameter:
-        return self.base_layer.weight
+        """The frozen tensor a merge changes (through any wrappers nested inside this one)."""
+        return innermost(self.base_layer).weight
 
     def check_merge(self, name: str, module_name: str) -> None:
         merged = self.base_weight().data + self.delta_weight(name).to(self.base_weight().dtype)
@@ -185,6 +210,20 @@ def base_named_modules(module: nn.Module, prefix: str = ""):
         children = list(module.named_children())
     for name, child in children:
         yield from base_named_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def logical_name(module_name: str) -> str:
+    """A module path as the user's model names it: without the wrappers' `base_layer` steps."""
+    return ".".join(part for part in module_name.split(".") if part != "base_layer")
+
+
+def wrapper_of(module: nn.Module, layer_cls: type) -> "AdapterLayer | None":
+    """The wrapper of class `layer_cls` among the AdapterLayers nested at this module, if any."""
+    while isinstance(module, AdapterLayer):
+        if type(module) is layer_cls:
+            return module
+        module = module.base_layer
+    return None
 
 
 def innermost(module: nn.Module) -> nn.Module:

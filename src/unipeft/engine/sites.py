@@ -1,6 +1,8 @@
 """Per-family site maps: data, not code. Each row names modules by suffix for one `model_type`.
 
 `lora`       default LoRA targets (the attention query/value projections, as in the LoRA paper)
+`ia3`, `ia3_feedforward`  default IA3 targets and which of them scale their input (HF PEFT's defaults)
+`block`      where block-level methods attach inside one transformer block (see `BlockSites`)
 `heads`      task heads that are newly initialised for SEQ_CLS / TOKEN_CLS and so must be trained and saved
 `layers`     the name of the container whose numbered children are the transformer blocks
 `checkpointing_keeps_cache`  False where the model's own code passes no cache to its blocks under
@@ -9,12 +11,38 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class BlockSites:
+    """Module paths relative to one transformer block ("-1" indexes the last child of a list).
+
+    A site has two ends: `*_in`, the module whose first input is the site's input (captured by a
+    pre-hook), and `*_out`, the projection whose output is the site's output before dropout and the
+    residual. `ffn_norm` is the layer norm around the FFN: applied to FFN output + residual after it
+    (post-norm models) or to the residual before it (pre-norm), as `ffn_norm_first(config)` says.
+    """
+    attn_in: str
+    attn_out: str
+    ffn_in: str
+    ffn_out: str
+    ffn_norm: str
+    ffn_norm_first: Callable[[Any], bool] = lambda config: True
+
+
+_BERT_BLOCK = BlockSites("attention.self", "attention.output.dense", "intermediate", "output.dense", "output.LayerNorm",
+                         lambda config: False)
+_LLAMA_BLOCK = BlockSites("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj", "post_attention_layernorm")
 
 
 @dataclass(frozen=True)
 class FamilySites:
     lora: tuple[str, ...]
     layers: str
+    block: BlockSites | None = None
+    ia3: tuple[str, ...] = ()
+    ia3_feedforward: tuple[str, ...] = ()
     seq_cls_heads: tuple[str, ...] = ("classifier", "score")
     token_cls_heads: tuple[str, ...] = ("classifier", "score")
     checkpointing_keeps_cache: bool = True
@@ -25,20 +53,47 @@ _DEBERTA_HEADS = ("pooler", "classifier")  # DeBERTa's ContextPooler is not in p
 _ENCDEC_HEADS = ("classification_head",)
 
 FAMILIES: dict[str, FamilySites] = {
-    "bert": FamilySites(lora=("query", "value"), layers="layer", seq_cls_heads=_ENC_HEADS),
-    "roberta": FamilySites(lora=("query", "value"), layers="layer", seq_cls_heads=_ENC_HEADS),
-    "deberta": FamilySites(lora=("in_proj",), layers="layer", seq_cls_heads=_DEBERTA_HEADS),
-    "deberta-v2": FamilySites(lora=("query_proj", "value_proj"), layers="layer", seq_cls_heads=_DEBERTA_HEADS),
-    "gpt2": FamilySites(lora=("c_attn",), layers="h", checkpointing_keeps_cache=False),
-    "bloom": FamilySites(lora=("query_key_value",), layers="h"),
-    "opt": FamilySites(lora=("q_proj", "v_proj"), layers="layers"),
-    "gpt_neo": FamilySites(lora=("q_proj", "v_proj"), layers="h"),
-    "gptj": FamilySites(lora=("q_proj", "v_proj"), layers="h"),
-    "t5": FamilySites(lora=("q", "v"), layers="block", seq_cls_heads=_ENCDEC_HEADS),
-    "bart": FamilySites(lora=("q_proj", "v_proj"), layers="layers", seq_cls_heads=_ENCDEC_HEADS),
-    "llama": FamilySites(lora=("q_proj", "v_proj"), layers="layers"),
-    "qwen2": FamilySites(lora=("q_proj", "v_proj"), layers="layers"),
-    "mistral": FamilySites(lora=("q_proj", "v_proj"), layers="layers"),
+    "bert": FamilySites(lora=("query", "value"), layers="layer", seq_cls_heads=_ENC_HEADS, block=_BERT_BLOCK,
+                        ia3=("key", "value", "output.dense"), ia3_feedforward=("output.dense",)),
+    "roberta": FamilySites(lora=("query", "value"), layers="layer", seq_cls_heads=_ENC_HEADS, block=_BERT_BLOCK,
+                           ia3=("key", "value", "output.dense"), ia3_feedforward=("output.dense",)),
+    "deberta": FamilySites(lora=("in_proj",), layers="layer", seq_cls_heads=_DEBERTA_HEADS, block=_BERT_BLOCK,
+                           ia3=("in_proj", "output.dense"), ia3_feedforward=("output.dense",)),
+    "deberta-v2": FamilySites(lora=("query_proj", "value_proj"), layers="layer", seq_cls_heads=_DEBERTA_HEADS,
+                              block=_BERT_BLOCK, ia3=("key_proj", "value_proj", "output.dense"),
+                              ia3_feedforward=("output.dense",)),
+    "gpt2": FamilySites(lora=("c_attn",), layers="h", checkpointing_keeps_cache=False,
+                        block=BlockSites("attn", "attn.c_proj", "mlp", "mlp.c_proj", "ln_2"),
+                        ia3=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",)),
+    "bloom": FamilySites(lora=("query_key_value",), layers="h",
+                         block=BlockSites("self_attention", "self_attention.dense", "mlp", "mlp.dense_4h_to_h",
+                                          "post_attention_layernorm"),
+                         ia3=("query_key_value", "mlp.dense_4h_to_h"), ia3_feedforward=("mlp.dense_4h_to_h",)),
+    "opt": FamilySites(lora=("q_proj", "v_proj"), layers="layers",
+                       block=BlockSites("self_attn", "self_attn.out_proj", "fc1", "fc2", "final_layer_norm",
+                                        lambda config: config.do_layer_norm_before),
+                       ia3=("q_proj", "k_proj", "fc2"), ia3_feedforward=("fc2",)),
+    "gpt_neo": FamilySites(lora=("q_proj", "v_proj"), layers="h",
+                           block=BlockSites("attn.attention", "attn.attention.out_proj", "mlp", "mlp.c_proj", "ln_2"),
+                           ia3=("q_proj", "v_proj", "c_proj"), ia3_feedforward=("c_proj",)),
+    # GPT-J runs attention and MLP side by side on ln_1's output; the residual is ln_1's input
+    "gptj": FamilySites(lora=("q_proj", "v_proj"), layers="h",
+                        block=BlockSites("attn", "attn.out_proj", "mlp", "mlp.fc_out", "ln_1"),
+                        ia3=("q_proj", "v_proj", "fc_out"), ia3_feedforward=("fc_out",)),
+    "t5": FamilySites(lora=("q", "v"), layers="block", seq_cls_heads=_ENCDEC_HEADS,
+                      block=BlockSites("layer.0.SelfAttention", "layer.0.SelfAttention.o", "layer.-1.DenseReluDense",
+                                       "layer.-1.DenseReluDense.wo", "layer.-1.layer_norm"),
+                      ia3=("k", "v", "wo"), ia3_feedforward=("wo",)),
+    "bart": FamilySites(lora=("q_proj", "v_proj"), layers="layers", seq_cls_heads=_ENCDEC_HEADS,
+                        block=BlockSites("self_attn", "self_attn.out_proj", "fc1", "fc2", "final_layer_norm",
+                                         lambda config: False),
+                        ia3=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",)),
+    "llama": FamilySites(lora=("q_proj", "v_proj"), layers="layers", block=_LLAMA_BLOCK,
+                         ia3=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",)),
+    "qwen2": FamilySites(lora=("q_proj", "v_proj"), layers="layers", block=_LLAMA_BLOCK,
+                         ia3=("q_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",)),
+    "mistral": FamilySites(lora=("q_proj", "v_proj"), layers="layers", block=_LLAMA_BLOCK,
+                           ia3=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",)),
 }
 
 # Container names tried, in order, when a model's family is not in the table.
@@ -68,3 +123,31 @@ def task_heads(model, task_type) -> tuple[str, ...]:
     if kind == "TOKEN_CLS":
         return family.token_cls_heads
     return ()
+
+
+def block_paths(model) -> list[str]:
+    """Paths of every transformer block (all stacks: encoder and decoder), in model order."""
+    import torch.nn as nn
+
+    family = family_of(model)
+    names = (family.layers,) if family else DEFAULT_LAYER_PATTERNS
+    for name in names:
+        stacks = [path for path, module in model.named_modules()
+                  if isinstance(module, nn.ModuleList) and path.split(".")[-1] == name and "base_layer" not in path]
+        if stacks:
+            return [f"{stack}.{i}" for stack in stacks for i in range(len(model.get_submodule(stack)))]
+    return []
+
+
+def resolve_in_block(model, block_path: str, relative: str) -> str:
+    """The absolute path of `relative` inside a block; a "-1" step names the last child of a list."""
+    from .layers import innermost
+
+    module, parts = model.get_submodule(block_path), []
+    for step in relative.split("."):
+        module = innermost(module)
+        if step.lstrip("-").isdigit():
+            step = str(int(step) % len(module))
+        module = getattr(module, step) if not step.isdigit() else module[int(step)]
+        parts.append(step)
+    return f"{block_path}.{'.'.join(parts)}"

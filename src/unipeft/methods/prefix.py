@@ -39,6 +39,8 @@ class PrefixTuningConfig(PromptLearningConfig):
     init_weights: Optional[Literal["zero"]] = None
     # unipeft: attention sites of encoder-decoder models that get a prefix (see the module docstring)
     prefix_sites: tuple[str, ...] = (DECODER_SELF,)
+    # unipeft: dropout on the prefix keys and values while training (the unified design space's prefix_dropout)
+    prefix_dropout: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -49,11 +51,15 @@ class PrefixTuningConfig(PromptLearningConfig):
                 f"PrefixTuningConfig.prefix_sites must be distinct values among {list(PREFIX_SITES)}, got {sites!r}"
             )
         self.prefix_sites = tuple(s for s in PREFIX_SITES if s in sites)  # the order of the stored blocks
+        if not 0.0 <= self.prefix_dropout < 1.0:
+            raise ConfigError(f"PrefixTuningConfig.prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
 
     def to_dict(self) -> dict:
         data = super().to_dict()
         if self.prefix_sites == (DECODER_SELF,):  # PEFT's behaviour: write PEFT's file, field for field
             del data["prefix_sites"]
+        if not self.prefix_dropout:
+            del data["prefix_dropout"]
         return data
 
     def model_sizes(self, model: nn.Module) -> dict:
@@ -91,6 +97,7 @@ class PrefixKeysValues(VirtualPrompt):
             if project:
                 nn.init.zeros_(encoder[-1].bias)
         self.num_virtual = config.num_virtual_tokens
+        self.dropout = config.prefix_dropout
         self.sites = tuple(site_layers)
         self.site_layers = site_layers
         self.heads, self.head_dim = config.num_attention_heads, dim // config.num_attention_heads
@@ -101,6 +108,8 @@ class PrefixKeysValues(VirtualPrompt):
 
     def prefix(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
         flat = self()  # [t, sum of layers * 2 * heads * head_dim]
+        if self.dropout and self.training:
+            flat = nn.functional.dropout(flat, self.dropout, training=True)
         pairs = flat.view(self.num_virtual, -1, self.heads, self.head_dim).permute(1, 2, 0, 3).unsqueeze(1)
         out, start = {}, 0
         for site, layers in self.site_layers.items():

@@ -1,0 +1,221 @@
+"""Bottleneck adapters: Δ = s · up(act(down(z))) added at the end of a block site (attention or FFN).
+
+The form says what z is (He et al., 2022): `sequential` reads the site's output h (Houlsby et al., 2019),
+`parallel` reads the site's input x (He et al.'s parallel adapter), `pfeiffer` (FFN only) reads the
+residual stream after the FFN, LN(h + x) in post-norm models or h + residual in pre-norm ones, and adds
+to h before the residual, as Pfeiffer et al. (2021) and the unified code place it. The scale s is a
+number (4 for the scaled parallel adapter) or learned; an optional LayerNorm sits before `down` ("in")
+or after the scaled `up` ("out"). With `init_option="lora"` the up-projection starts at zero, so the
+model starts as the base model; "bert" draws every weight from N(0, 0.02) as the original code did.
+
+The adapter lives in a wrapper of the site's output projection (`BlockSites.*_out`); a parallel or
+pfeiffer adapter reads its z from a forward pre-hook on another module of the block, which the wrapper
+registers when attached and removes when detached. Nothing of the model's own code is copied.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ConfigError, PeftConfig
+from ..engine.layers import AdapterLayer, innermost
+from ..engine.sites import block_paths, family_of, resolve_in_block
+from ..registry import MethodSpec, register_method
+
+ATTENTION, FFN = "attention", "ffn"
+SEQUENTIAL, PARALLEL, PFEIFFER = "sequential", "parallel", "pfeiffer"
+LEARNABLE = "learnable_scalar"
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
+
+
+@dataclass
+class BottleneckConfig(PeftConfig):
+    peft_type: Optional[str] = "BOTTLENECK"
+    sites: list[str] = field(default_factory=lambda: [FFN])
+    adapter_option: Literal["sequential", "parallel", "pfeiffer"] = PARALLEL
+    bottleneck_size: int = 64
+    non_linearity: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+    adapter_dropout: float = 0.0
+    layernorm_option: Literal["in", "out", "none"] = "none"
+    init_option: Literal["bert", "lora"] = "lora"
+    scalar: Union[float, Literal["learnable_scalar"]] = 1.0
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    modules_to_save: Optional[list[str]] = None
+    # The site output projections the adapter wraps: filled in from `sites` for the model at hand.
+    target_modules: Optional[list[str]] = None
+
+    def validate(self) -> None:
+        super().validate()
+        name = type(self).__name__
+        if not self.sites or any(s not in (ATTENTION, FFN) for s in self.sites) or len(set(self.sites)) != len(self.sites):
+            raise ConfigError(f"{name}.sites must be distinct values among ['attention', 'ffn'], got {self.sites!r}")
+        if self.adapter_option == PFEIFFER and ATTENTION in self.sites:
+            raise ConfigError(f"{name}: adapter_option='pfeiffer' is an FFN placement; use sites=['ffn'] or "
+                              f"adapter_option='sequential' for the attention site")
+        if self.bottleneck_size <= 0:
+            raise ConfigError(f"{name}.bottleneck_size must be a positive integer, got {self.bottleneck_size}")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise ConfigError(f"{name}.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
+
+    def resolved(self, model: nn.Module) -> "BottleneckConfig":
+        """A copy naming the wrapped projection of every block's chosen sites, and where each adapter reads z."""
+        family = family_of(model)
+        sites = family.block if family else None
+        if sites is None:
+            raise ConfigError(f"{type(self).__name__}: no block sites are known for model_type "
+                              f"{getattr(model.config, 'model_type', None)!r}; bottleneck adapters need them")
+        reads = {}
+        for block in block_paths(model):
+            where = lambda relative: resolve_in_block(model, block, relative)  # noqa: E731
+            if ATTENTION in self.sites:
+                reads[where(sites.attn_out)] = (where(sites.attn_in) if self.adapter_option == PARALLEL else None, None)
+            if FFN in self.sites:
+                if self.adapter_option == SEQUENTIAL:
+                    reads[where(sites.ffn_out)] = (None, None)
+                elif self.adapter_option == PARALLEL:
+                    reads[where(sites.ffn_out)] = (where(sites.ffn_in), None)
+                elif sites.ffn_norm_first(model.config):  # pre-norm: the norm's input is the residual stream
+                    reads[where(sites.ffn_out)] = (where(sites.ffn_norm), None)
+                else:  # post-norm: z = LN(h + x), x being the FFN input
+                    reads[where(sites.ffn_out)] = (where(sites.ffn_in), where(sites.ffn_norm))
+        config = replace(self, target_modules=list(reads))
+        config.site_reads = reads  # (captured module, post-norm module) per target; not saved
+        return config
+
+
+class BottleneckLayer(AdapterLayer):
+    """Wraps a site's output projection; adds each active adapter's Δ computed from its z."""
+
+    mergeable = False
+
+    def __init__(self, base_layer: nn.Module, state) -> None:
+        super().__init__(base_layer, state)
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._captured: dict[str, torch.Tensor] = {}
+        self._norms: dict[str, nn.Module] = {}  # plain dict: the model's own norm, not a child of this layer
+
+    @classmethod
+    def make_parts(cls, base_layer, config: BottleneckConfig, module_name: str):
+        d, r = _out_features(base_layer), config.bottleneck_size
+        kw = {"device": innermost(base_layer).weight.device, "dtype": innermost(base_layer).weight.dtype}
+        parts = {"adapter_down": nn.Linear(d, r, **kw), "adapter_up": nn.Linear(r, d, **kw)}
+        if config.init_option == "lora":
+            nn.init.kaiming_uniform_(parts["adapter_down"].weight, a=5 ** 0.5)
+            nn.init.zeros_(parts["adapter_up"].weight)
+        else:
+            for linear in parts.values():
+                nn.init.normal_(linear.weight, std=0.02)
+        for linear in parts.values():
+            nn.init.zeros_(linear.bias)
+        if config.layernorm_option != "none":
+            parts["adapter_norm"] = nn.LayerNorm(d, **kw)
+        if config.scalar == LEARNABLE:
+            parts["adapter_scale"] = nn.Parameter(torch.ones(1, **kw))
+        capture, post_norm = config.site_reads[module_name]
+        hparams = {"option": config.adapter_option, "capture": capture, "post_norm": post_norm,
+                   "scale": None if config.scalar == LEARNABLE else float(config.scalar),
+                   "norm_at": config.layernorm_option, "act": config.non_linearity, "dropout": config.adapter_dropout}
+        return parts, hparams
+
+    # ---- where z comes from --------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        for hp in self.hparams.values():
+            path = hp["capture"]
+            if path is not None and path not in self._hooks:
+                target = innermost(model.get_submodule(path))  # stays in the model when wrappers come and go
+                self._hooks[path] = target.register_forward_pre_hook(self._capturer(path), with_kwargs=True)
+            if hp["post_norm"] is not None:
+                self._norms[hp["post_norm"]] = innermost(model.get_submodule(hp["post_norm"]))
+
+    def _capturer(self, path: str):
+        def capture(module, args, kwargs):
+            self._captured[path] = args[0] if args else kwargs["hidden_states"]
+        return capture
+
+    def detach(self) -> None:
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._captured.clear()
+
+    def delta_input(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams[name]
+        if hp["option"] == SEQUENTIAL:
+            return result
+        captured = self._captured.get(hp["capture"])
+        if captured is None:
+            raise RuntimeError(f"the {hp['option']} adapter found no input captured at {hp['capture']} in this forward")
+        if hp["option"] == PARALLEL:
+            return captured
+        if hp["post_norm"] is not None:
+            return self._norms[hp["post_norm"]](result + captured)
+        return result + captured
+
+    # ---- the adapter function ------------------------------------------------------------------
+    def delta(self, name: str, z: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams[name]
+        if hp["norm_at"] == "in":
+            z = self.adapter_norm[name](z)
+        down = _ACTIVATIONS[hp["act"]](self.adapter_down[name](z.to(self.adapter_down[name].weight.dtype)))
+        if hp["dropout"] and self.training:
+            down = F.dropout(down, hp["dropout"], training=True)
+        up = self.adapter_up[name](down)
+        up = up * (self.adapter_scale[name] if hp["scale"] is None else hp["scale"])
+        return self.adapter_norm[name](up) if hp["norm_at"] == "out" else up
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        try:
+            return super().forward(x, *args, **kwargs)
+        finally:
+            self._captured.clear()  # keep no activation alive after the forward
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        still_read = {hp["capture"] for hp in self.hparams.values()}
+        for path in [p for p in self._hooks if p not in still_read]:
+            self._hooks.pop(path).remove()
+
+
+def _out_features(module: nn.Module) -> int:
+    weight = innermost(module).weight
+    from transformers.pytorch_utils import Conv1D
+
+    return weight.shape[1] if isinstance(innermost(module), Conv1D) else weight.shape[0]
+
+
+def bottleneck_layer_for(module: nn.Module, config: BottleneckConfig):
+    return BottleneckLayer if hasattr(module, "weight") and module.weight is not None and module.weight.dim() == 2 else None
+
+
+# ---- named presets: points of the design space (He et al., 2022, Table 1) ----------------------------
+@dataclass
+class HoulsbyConfig(BottleneckConfig):
+    """Sequential adapters after the attention output and after the FFN output (Houlsby et al., 2019)."""
+    sites: list[str] = field(default_factory=lambda: [ATTENTION, FFN])
+    adapter_option: Literal["sequential", "parallel", "pfeiffer"] = SEQUENTIAL
+
+
+@dataclass
+class PfeifferConfig(BottleneckConfig):
+    """One sequential adapter after the FFN, reading the residual stream (Pfeiffer et al., 2021)."""
+    adapter_option: Literal["sequential", "parallel", "pfeiffer"] = PFEIFFER
+
+
+@dataclass
+class ParallelAdapterConfig(BottleneckConfig):
+    """An adapter beside the FFN: reads the FFN input, adds to its output (He et al., 2022)."""
+    adapter_option: Literal["sequential", "parallel", "pfeiffer"] = PARALLEL
+
+
+@dataclass
+class ScaledParallelAdapterConfig(ParallelAdapterConfig):
+    """The parallel adapter with its output scaled by s = 4 (He et al., 2022); scalar="learnable_scalar" learns s."""
+    scalar: Union[float, Literal["learnable_scalar"]] = 4.0
+
+
+register_method(MethodSpec("BOTTLENECK", BottleneckConfig, bottleneck_layer_for, "adapter_", "lora"))
