@@ -4,6 +4,8 @@ Methods (--method; the same config in both libraries):
   lora    r=8, lora_alpha=16, lora_dropout=0.0 (targets per case, below)
   prompt  prompt tuning, num_virtual_tokens=20 (PromptTuningConfig, random init)
   prefix  prefix tuning, num_virtual_tokens=20 (PrefixTuningConfig, no projection: past_key_values)
+  ia3     IA3Config with HF PEFT's default targets (GPT-2: c_attn, mlp.c_proj; MiniLM: key, value, output.dense;
+          feed-forward: mlp.c_proj / output.dense), vectors moved off their init of ones before timing
 
 Cases:
   gpt2    GPT-2 small config (124M, random init), causal LM, batch 4 x 256 tokens, LoRA targets c_attn
@@ -23,7 +25,7 @@ Per case it measures
   * peak memory: each of base (/ base_t) / unipeft / peft in its own fresh subprocess (VmHWM), reported as
     the absolute peak and as the peak minus the resident size after the model was built (the cost of
     training on top of holding the model);
-  * merged inference (LoRA only): merge_and_unload(), eval(), no_grad forward latency against the base model.
+  * merged inference (LoRA, IA3): merge_and_unload(), eval(), no_grad forward latency against the base model.
 
 Usage:  python benchmarks/lora_step.py [--method lora|prompt|prefix|all] [--case gpt2|minilm|all] [--steps 20]
                                       [--warmup 3] [--threads N]
@@ -53,10 +55,14 @@ METHODS = {  # --method: (config class, the same in unipeft and peft; its fields
     "lora": ("LoraConfig", LORA),
     "prompt": ("PromptTuningConfig", PROMPT),
     "prefix": ("PrefixTuningConfig", PROMPT),
+    "ia3": ("IA3Config", {}),
 }
+PROMPT_METHODS = ("prompt", "prefix")
 CASES = {
-    "gpt2": {"batch": 4, "seq": 256, "targets": ["c_attn"], "task_type": "CAUSAL_LM", "fan_in_fan_out": True},
-    "minilm": {"batch": 32, "seq": 128, "targets": ["query", "value"], "task_type": "SEQ_CLS", "num_labels": 3},
+    "gpt2": {"batch": 4, "seq": 256, "targets": ["c_attn"], "task_type": "CAUSAL_LM", "fan_in_fan_out": True,
+             "ia3": ["c_attn", "mlp.c_proj"], "ia3_ff": ["mlp.c_proj"]},
+    "minilm": {"batch": 32, "seq": 128, "targets": ["query", "value"], "task_type": "SEQ_CLS", "num_labels": 3,
+               "ia3": ["key", "value", "output.dense"], "ia3_ff": ["output.dense"]},
 }
 HERE = Path(__file__).resolve().parent
 
@@ -117,8 +123,10 @@ def wrap(lib: str, model, case: str, method: str = "lora"):
     kwargs = dict(fields, task_type=spec["task_type"])
     if method == "lora":
         kwargs["target_modules"] = list(spec["targets"])
-        if spec.get("fan_in_fan_out"):
-            kwargs["fan_in_fan_out"] = True  # GPT-2 Conv1D; PEFT warns and sets it itself otherwise
+    if method == "ia3":
+        kwargs.update(target_modules=list(spec["ia3"]), feedforward_modules=list(spec["ia3_ff"]))
+    if method in ("lora", "ia3") and spec.get("fan_in_fan_out"):
+        kwargs["fan_in_fan_out"] = True  # GPT-2 Conv1D; PEFT warns and sets it itself otherwise
     torch.manual_seed(1)
     peft_model = mod.get_peft_model(model, getattr(mod, config_class)(**kwargs))
     peft_model.train()
@@ -172,6 +180,8 @@ def sync_adapters(src, dst) -> int:
         raise AssertionError(f"trainable tensors differ: {sorted(set(s) ^ set(d))}")
     with torch.no_grad():
         for n, p in d.items():
+            if ".ia3_l" in n:  # off the identity init, so both libraries compute a real scaling
+                s[n].add_(0.01 * torch.randn_like(s[n]))
             p.copy_(s[n])
     return len(d)
 
@@ -268,7 +278,7 @@ def memory_worker(lib: str, case: str, steps: int, threads: int | None, method: 
 
 
 def measure_memory(case: str, steps: int, threads: int | None, repeats: int, method: str = "lora") -> dict:
-    bases = ("base",) if method == "lora" else ("base", "base_t")
+    bases = ("base", "base_t") if method in PROMPT_METHODS else ("base",)
     results: dict[str, list[dict]] = {k: [] for k in (*bases, *LIBS)}
     for _ in range(repeats):
         for lib in results:
@@ -300,7 +310,7 @@ def time_case(case: str, steps: int, warmup: int, infer_iters: int, method: str 
 
     base, batch = build_base(case)
     runners = {"floor": Floor(copy.deepcopy(base), batch)}
-    if method != "lora":  # the floor with the t virtual positions as ordinary tokens
+    if method in PROMPT_METHODS:  # the floor with the t virtual positions as ordinary tokens
         runners["floor_t"] = Floor(copy.deepcopy(base), extend_batch(batch, PROMPT["num_virtual_tokens"]))
     models = {}
     for lib in LIBS:
@@ -347,7 +357,7 @@ def time_case(case: str, steps: int, warmup: int, infer_iters: int, method: str 
     if "floor_t" in times:
         res["ratio_unipeft_over_floor_t"] = paired_ratio(times["unipeft"], times["floor_t"])
         res["ratio_peft_over_floor_t"] = paired_ratio(times["peft"], times["floor_t"])
-    if infer_iters and method == "lora":
+    if infer_iters and method in ("lora", "ia3"):
         res["merged_inference"] = time_merged(runners["floor"].model, models, batch, infer_iters)
     return res
 
@@ -472,13 +482,13 @@ def environment(threads: int | None) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", choices=[*METHODS, "all"], default="lora",
-                    help="lora (default), prompt (prompt tuning), prefix (prefix tuning) or all")
+                    help="lora (default), prompt (prompt tuning), prefix (prefix tuning), ia3 or all")
     ap.add_argument("--case", choices=["gpt2", "minilm", "all"], default="all")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per runner (after warm-up)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--infer-iters", type=int, default=10,
-                    help="merged-inference forwards per model (LoRA only); 0 skips")
+                    help="merged-inference forwards per model (LoRA, IA3); 0 skips")
     ap.add_argument("--mem-steps", type=int, default=3, help="training steps per memory subprocess; 0 skips memory")
     ap.add_argument("--mem-repeats", type=int, default=3,
                     help="fresh subprocesses per library, interleaved (median taken; peaks vary ~100 MiB)")

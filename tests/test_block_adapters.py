@@ -17,7 +17,7 @@ import families as F
 from test_lora_properties import covers, loss_of, rows, train
 from test_prompt_properties import NO_CACHE, greedy_by_forward
 from unipeft import (
-    AdapterError, ConfigError, HoulsbyConfig, ParallelAdapterConfig, PeftModel, PfeifferConfig,
+    AdapterError, BitFitConfig, ConfigError, HoulsbyConfig, IA3Config, ParallelAdapterConfig, PeftModel, PfeifferConfig,
     ScaledParallelAdapterConfig, get_peft_model,
 )
 from unipeft.methods.unified import MAMConfig, UnifiedConfig
@@ -33,14 +33,20 @@ METHODS = {
                                                 ffn_option="pfeiffer", ffn_bn=R, ffn_adapter_layernorm_option="in"),
     "adapter+lora": lambda task: UnifiedConfig(task_type=task, attn_mode="adapter", attn_option="parallel", attn_bn=R,
                                                ffn_mode="lora", ffn_bn=R),
+    "ia3": lambda task: IA3Config(task_type=task),
+    # the feature-extraction loss reads the last hidden state only, which BERT's pooler does not reach
+    "bitfit": lambda task: BitFitConfig(task_type=task, exclude_modules=["pooler.dense"]),
 }
 PROMPT_PART = {"mam"}  # holds a prefix: needs a cache-reading attention, cannot mix batches
-IDENTITY_AT_INIT = {"houlsby", "pfeiffer", "parallel", "scaled_parallel", "lora+pfeiffer", "adapter+lora"}
+IDENTITY_AT_INIT = {"houlsby", "pfeiffer", "parallel", "scaled_parallel", "lora+pfeiffer", "adapter+lora", "ia3", "bitfit"}
+MERGEABLE = {"ia3", "bitfit"}  # merged exactly: tests/test_ia3.py and tests/test_bitfit.py check it per cell
+NO_BIAS = {"t5", "llama", "mistral"}  # BitFit has nothing to train there (tests/test_bitfit.py checks the error)
 
 
 def cells(methods=tuple(METHODS), tasks=None):
     return [pytest.param(m, f, t, id=f"{m}-{f}-{t}") for m in methods for f, t in F.MATRIX
-            if (tasks is None or t in tasks) and not (m in PROMPT_PART and f in NO_CACHE)]
+            if (tasks is None or t in tasks) and not (m in PROMPT_PART and f in NO_CACHE)
+            and not (m == "bitfit" and f in NO_BIAS)]
 
 
 ALL = cells()
@@ -53,7 +59,8 @@ def run(model, batch, **kwargs) -> torch.Tensor:
 
 
 def is_adapter_param(name: str) -> bool:
-    return any(part in name for part in (".adapter_", ".lora_", ".prompt_encoder.", ".modules_to_save."))
+    return any(part in name for part in (".adapter_", ".lora_", ".bitfit_", ".ia3_", ".prefix_norm.", ".prompt_encoder.",
+                                         ".modules_to_save."))
 
 
 def randomize(peft, name="default", seed=100):
@@ -61,7 +68,7 @@ def randomize(peft, name="default", seed=100):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in peft.named_parameters():
-            if is_adapter_param(pname) and f".{name}." in pname:
+            if is_adapter_param(pname) and (f".{name}." in pname or pname.endswith(f".{name}")):
                 p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return peft
 
@@ -123,7 +130,7 @@ def test_save_load_round_trip(method, family, task, tmp_path):
 
 # ---- 5-8: merge refusal, disable, two adapters, mixed batches ------------------------------------------
 @covers(5)
-@pytest.mark.parametrize("method,family,task", cells(tasks=("SEQ_CLS",)))
+@pytest.mark.parametrize("method,family,task", cells([m for m in METHODS if m not in MERGEABLE]))
 def test_merge_is_refused_clearly_and_changes_nothing(method, family, task):
     peft = make(method, family, task)
     batch = F.make_batch(family, task)
@@ -147,7 +154,7 @@ def test_disable_gives_base_output(method, family, task):
 
 
 @covers(7)
-@pytest.mark.parametrize("method,family,task", cells(tasks=("SEQ_CLS", "CAUSAL_LM", "SEQ_2_SEQ_LM")))
+@pytest.mark.parametrize("method,family,task", ALL)
 def test_two_adapters_switch_and_delete(method, family, task, tmp_path):
     second = make(method, family, task, seed=1)
     second.save_pretrained(tmp_path)
@@ -205,7 +212,7 @@ def test_generate_greedy_and_beam_with_and_without_cache(method, family, task):
 
 
 @covers(10)
-@pytest.mark.parametrize("method,family,task", cells(tasks=("CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")))
+@pytest.mark.parametrize("method,family,task", ALL)
 def test_bf16_forward_backward_finite(method, family, task):
     peft = get_peft_model(F.make_model(family, task).to(torch.bfloat16), METHODS[method](task))
     adapter = [p for n, p in peft.named_parameters() if p.requires_grad]

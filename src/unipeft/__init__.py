@@ -21,6 +21,7 @@ _EXPORTS = {
     "IDPGConfig": "methods.idpg",
     "BottleneckConfig": "methods.bottleneck", "HoulsbyConfig": "methods.bottleneck", "PfeifferConfig": "methods.bottleneck",
     "ParallelAdapterConfig": "methods.bottleneck", "ScaledParallelAdapterConfig": "methods.bottleneck",
+    "UnifiedConfig": "methods.unified", "MAMConfig": "methods.unified",
     "PeftModel": "peft_model", "get_peft_model": "peft_model",
     "PeftModelForSequenceClassification": "peft_model", "PeftModelForCausalLM": "peft_model",
     "PeftModelForSeq2SeqLM": "peft_model", "PeftModelForTokenClassification": "peft_model",

@@ -97,16 +97,41 @@ def add_train_parser(subparsers) -> None:
                              "name or local folder sharing the model's tokenizer (default: the model itself)")
     method.add_argument("--target-modules", type=_names, default=None,
                         help="comma-separated module names to adapt (default: the model family's, query,value for BERT)")
+    method.add_argument("--bottleneck-size", type=_positive(int), default=None,
+                        help="houlsby, pfeiffer, parallel, scaled_parallel: the adapter's bottleneck width (default: 64)")
+    _add_design_space(p)
 
     p.add_argument("--output-dir", default=None, help="where to save the adapter and metrics.json (default: runs/<timestamp>)")
     p.set_defaults(handler=run_train)
 
 
+def _add_design_space(p) -> None:
+    """One flag per UnifiedConfig axis, typed and with the choices its field allows."""
+    import typing
+
+    from .methods.unified import AXES, UnifiedConfig
+
+    group = p.add_argument_group("design space (--method unified; --method mam takes them as overrides)")
+    group.add_argument("--unified-config", default=None, metavar="FILE.json",
+                       help="a JSON object of axes, e.g. {\"attn_mode\": \"prefix\", \"ffn_mode\": \"adapter\"}; flags override it")
+    hints = typing.get_type_hints(UnifiedConfig)
+    for axis in AXES:
+        hint = hints[axis]
+        kinds = [hint] if typing.get_origin(hint) is typing.Literal else list(typing.get_args(hint)) or [hint]
+        literals = [v for k in kinds if typing.get_origin(k) is typing.Literal for v in typing.get_args(k)]
+        kind = str if literals or str in kinds else int if int in kinds else float
+        default = UnifiedConfig.__dataclass_fields__[axis].default
+        group.add_argument(f"--{axis.replace('_', '-')}", dest=axis, type=kind, default=None,
+                           choices=literals or None, help=f"(default: {default})")
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from .methods.unified import AXES
     from .train.run import TrainOptions, run
 
     fields = TrainOptions.__dataclass_fields__
-    run(TrainOptions(**{k: v for k, v in vars(args).items() if k in fields}))
+    axes = {axis: getattr(args, axis) for axis in AXES if getattr(args, axis) is not None}
+    run(TrainOptions(**{k: v for k, v in vars(args).items() if k in fields}, axes=axes))
     return 0
 
 

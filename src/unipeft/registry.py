@@ -20,6 +20,7 @@ METHOD_MODULES: dict[str, str] = {
     "BITFIT": "unipeft.methods.bitfit",
     "BOTTLENECK": "unipeft.methods.bottleneck",
     "UNIFIED": "unipeft.methods.unified",
+    "CROSS_PREFIX": "unipeft.methods.cross_prefix",
 }
 
 PeftType = enum.Enum("PeftType", {name: name for name in METHOD_MODULES}, type=str)

@@ -107,7 +107,8 @@ class AdapterModel(nn.Module):
             if plan.virtual is not None:
                 raise AdapterError("one adapter can hold only one prompt-based part")
             plan.virtual = spec.build_virtual(self.model, config).to(*self._model_device_dtype())
-            return
+            if spec.layer_for is None:
+                return
         plan.target_modules = targets = config.target_modules or default_targets(self.model, spec.site_key)
         for module_name in find_targets(
             self.model, targets, exclude_modules=getattr(config, "exclude_modules", None),
@@ -188,6 +189,11 @@ class AdapterModel(nn.Module):
 
     def apply(self, plan: AdapterPlan) -> None:
         existing = {id(m) for m in self.model.modules()}
+        if plan.virtual is not None:  # first: adapter layers may read it when attached
+            plan.virtual.adapter_state = self.adapter_state
+            self.prompt_encoder[plan.name] = plan.virtual
+            if self.virtual_inputs is None:
+                self.virtual_inputs = VirtualInputs(self.model, self.adapter_state, self.prompt_encoder)
         for planned in plan.layers:
             outer = self.model.get_submodule(planned.module_name)
             module = wrapper_of(outer, planned.layer_cls)
@@ -195,20 +201,15 @@ class AdapterModel(nn.Module):
                 module = planned.layer_cls(outer, self.adapter_state)
                 self.model.set_submodule(planned.module_name, module)
             module.add_adapter(plan.name, planned.parts, planned.hparams)
-            module.attach(self.model)
+            module.attach(self)
         for module_name, head in plan.heads.items():
             module = self.model.get_submodule(module_name)
             if not isinstance(module, ModulesToSaveWrapper):
                 module = ModulesToSaveWrapper(module, self.adapter_state)
                 self.model.set_submodule(module_name, module)
             module.add_adapter(plan.name, head)
-        if plan.virtual is not None:
-            plan.virtual.adapter_state = self.adapter_state
-            self.prompt_encoder[plan.name] = plan.virtual
-            if self.virtual_inputs is None:
-                self.virtual_inputs = VirtualInputs(self.model, self.adapter_state, self.prompt_encoder)
-        elif getattr(plan.config, "target_modules", ()) is None:  # record the family default, as PEFT does
-            plan.config.target_modules = list(plan.target_modules)
+        if plan.virtual is None and getattr(plan.config, "target_modules", ()) is None:
+            plan.config.target_modules = list(plan.target_modules)  # record the family default, as PEFT does
         self.peft_config[plan.name] = plan.config
         self._follow_mode(existing)
 

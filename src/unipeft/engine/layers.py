@@ -131,8 +131,9 @@ class AdapterLayer(nn.Module):
             getattr(self, part)[name] = value
         self.hparams[name] = hparams
 
-    def attach(self, model: nn.Module) -> None:
-        """Connect to other modules of the model (hooks) once an adapter was added; see `detach`."""
+    def attach(self, adapter_model: nn.Module) -> None:
+        """Connect to other modules of the model (hooks) once an adapter was added; see `detach`.
+        `adapter_model` is the engine's AdapterModel: the user's model is its `.model`."""
 
     def detach(self) -> None:
         """Undo what the layer did to the model outside itself (hooks), before it is removed."""

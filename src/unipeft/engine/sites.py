@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 
@@ -22,18 +22,23 @@ class BlockSites:
     pre-hook), and `*_out`, the projection whose output is the site's output before dropout and the
     residual. `ffn_norm` is the layer norm around the FFN: applied to FFN output + residual after it
     (post-norm models) or to the residual before it (pre-norm), as `ffn_norm_first(config)` says.
+    `query` is the attention's query projection; `query_layout` says where the queries sit in its output:
+    "plain", "fused" ([q | k | v], GPT-2) or "per_head" (per head [q, k, v], BLOOM and DeBERTa).
     """
     attn_in: str
     attn_out: str
     ffn_in: str
     ffn_out: str
     ffn_norm: str
+    query: str
     ffn_norm_first: Callable[[Any], bool] = lambda config: True
+    query_layout: str = "plain"
 
 
 _BERT_BLOCK = BlockSites("attention.self", "attention.output.dense", "intermediate", "output.dense", "output.LayerNorm",
-                         lambda config: False)
-_LLAMA_BLOCK = BlockSites("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj", "post_attention_layernorm")
+                         "attention.self.query", lambda config: False)
+_LLAMA_BLOCK = BlockSites("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj", "post_attention_layernorm",
+                          "self_attn.q_proj")
 
 
 @dataclass(frozen=True)
@@ -57,36 +62,41 @@ FAMILIES: dict[str, FamilySites] = {
                         ia3=("key", "value", "output.dense"), ia3_feedforward=("output.dense",)),
     "roberta": FamilySites(lora=("query", "value"), layers="layer", seq_cls_heads=_ENC_HEADS, block=_BERT_BLOCK,
                            ia3=("key", "value", "output.dense"), ia3_feedforward=("output.dense",)),
-    "deberta": FamilySites(lora=("in_proj",), layers="layer", seq_cls_heads=_DEBERTA_HEADS, block=_BERT_BLOCK,
+    "deberta": FamilySites(lora=("in_proj",), layers="layer", seq_cls_heads=_DEBERTA_HEADS,
+                           block=replace(_BERT_BLOCK, query="attention.self.in_proj", query_layout="per_head"),
                            ia3=("in_proj", "output.dense"), ia3_feedforward=("output.dense",)),
     "deberta-v2": FamilySites(lora=("query_proj", "value_proj"), layers="layer", seq_cls_heads=_DEBERTA_HEADS,
-                              block=_BERT_BLOCK, ia3=("key_proj", "value_proj", "output.dense"),
+                              block=replace(_BERT_BLOCK, query="attention.self.query_proj"),
+                              ia3=("key_proj", "value_proj", "output.dense"),
                               ia3_feedforward=("output.dense",)),
     "gpt2": FamilySites(lora=("c_attn",), layers="h", checkpointing_keeps_cache=False,
-                        block=BlockSites("attn", "attn.c_proj", "mlp", "mlp.c_proj", "ln_2"),
+                        block=BlockSites("attn", "attn.c_proj", "mlp", "mlp.c_proj", "ln_2", "attn.c_attn",
+                                         query_layout="fused"),
                         ia3=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",)),
     "bloom": FamilySites(lora=("query_key_value",), layers="h",
                          block=BlockSites("self_attention", "self_attention.dense", "mlp", "mlp.dense_4h_to_h",
-                                          "post_attention_layernorm"),
+                                          "post_attention_layernorm", "self_attention.query_key_value",
+                                          query_layout="per_head"),
                          ia3=("query_key_value", "mlp.dense_4h_to_h"), ia3_feedforward=("mlp.dense_4h_to_h",)),
     "opt": FamilySites(lora=("q_proj", "v_proj"), layers="layers",
                        block=BlockSites("self_attn", "self_attn.out_proj", "fc1", "fc2", "final_layer_norm",
-                                        lambda config: config.do_layer_norm_before),
+                                        "self_attn.q_proj", lambda config: config.do_layer_norm_before),
                        ia3=("q_proj", "k_proj", "fc2"), ia3_feedforward=("fc2",)),
     "gpt_neo": FamilySites(lora=("q_proj", "v_proj"), layers="h",
-                           block=BlockSites("attn.attention", "attn.attention.out_proj", "mlp", "mlp.c_proj", "ln_2"),
+                           block=BlockSites("attn.attention", "attn.attention.out_proj", "mlp", "mlp.c_proj", "ln_2",
+                                            "attn.attention.q_proj"),
                            ia3=("q_proj", "v_proj", "c_proj"), ia3_feedforward=("c_proj",)),
     # GPT-J runs attention and MLP side by side on ln_1's output; the residual is ln_1's input
     "gptj": FamilySites(lora=("q_proj", "v_proj"), layers="h",
-                        block=BlockSites("attn", "attn.out_proj", "mlp", "mlp.fc_out", "ln_1"),
+                        block=BlockSites("attn", "attn.out_proj", "mlp", "mlp.fc_out", "ln_1", "attn.q_proj"),
                         ia3=("q_proj", "v_proj", "fc_out"), ia3_feedforward=("fc_out",)),
     "t5": FamilySites(lora=("q", "v"), layers="block", seq_cls_heads=_ENCDEC_HEADS,
                       block=BlockSites("layer.0.SelfAttention", "layer.0.SelfAttention.o", "layer.-1.DenseReluDense",
-                                       "layer.-1.DenseReluDense.wo", "layer.-1.layer_norm"),
+                                       "layer.-1.DenseReluDense.wo", "layer.-1.layer_norm", "layer.0.SelfAttention.q"),
                       ia3=("k", "v", "wo"), ia3_feedforward=("wo",)),
     "bart": FamilySites(lora=("q_proj", "v_proj"), layers="layers", seq_cls_heads=_ENCDEC_HEADS,
                         block=BlockSites("self_attn", "self_attn.out_proj", "fc1", "fc2", "final_layer_norm",
-                                         lambda config: False),
+                                         "self_attn.q_proj", lambda config: False),
                         ia3=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",)),
     "llama": FamilySites(lora=("q_proj", "v_proj"), layers="layers", block=_LLAMA_BLOCK,
                          ia3=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",)),

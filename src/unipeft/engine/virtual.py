@@ -37,6 +37,7 @@ from .prefix_attention import (
 )
 
 TOKENS, PREFIX = "tokens", "prefix"
+SIDE = "side"  # read by the method's own adapter layers; never inserted into the input or the cache
 _TAG = "unipeft_virtual_tokens"  # set on a cache whose first positions are virtual
 
 
@@ -243,7 +244,7 @@ class VirtualInputs:
         state = self.state
         if state.disabled:
             return None
-        names = [n for n in state.active if n in self.prompts]
+        names = [n for n in state.active if n in self.prompts and self.prompts[n].kind != SIDE]
         if not names:
             return None
         if state.routing is not None:

@@ -9,8 +9,8 @@ or after the scaled `up` ("out"). With `init_option="lora"` the up-projection st
 model starts as the base model; "bert" draws every weight from N(0, 0.02) as the original code did.
 
 The adapter lives in a wrapper of the site's output projection (`BlockSites.*_out`); a parallel or
-pfeiffer adapter reads its z from a forward pre-hook on another module of the block, which the wrapper
-registers when attached and removes when detached. Nothing of the model's own code is copied.
+pfeiffer adapter reads its z through a pre-hook on another module of the block (`engine.capture`).
+Nothing of the model's own code is copied.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, PeftConfig
-from ..engine.layers import AdapterLayer, innermost
+from ..engine.capture import CapturingLayer
+from ..engine.layers import innermost
 from ..engine.sites import block_paths, family_of, resolve_in_block
 from ..registry import MethodSpec, register_method
 
@@ -88,15 +89,13 @@ class BottleneckConfig(PeftConfig):
         return config
 
 
-class BottleneckLayer(AdapterLayer):
+class BottleneckLayer(CapturingLayer):
     """Wraps a site's output projection; adds each active adapter's Δ computed from its z."""
 
     mergeable = False
 
     def __init__(self, base_layer: nn.Module, state) -> None:
         super().__init__(base_layer, state)
-        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-        self._captured: dict[str, torch.Tensor] = {}
         self._norms: dict[str, nn.Module] = {}  # plain dict: the model's own norm, not a child of this layer
 
     @classmethod
@@ -122,34 +121,17 @@ class BottleneckLayer(AdapterLayer):
                    "norm_at": config.layernorm_option, "act": config.non_linearity, "dropout": config.adapter_dropout}
         return parts, hparams
 
-    # ---- where z comes from --------------------------------------------------------------------
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, adapter_model: nn.Module) -> None:
+        super().attach(adapter_model)
         for hp in self.hparams.values():
-            path = hp["capture"]
-            if path is not None and path not in self._hooks:
-                target = innermost(model.get_submodule(path))  # stays in the model when wrappers come and go
-                self._hooks[path] = target.register_forward_pre_hook(self._capturer(path), with_kwargs=True)
             if hp["post_norm"] is not None:
-                self._norms[hp["post_norm"]] = innermost(model.get_submodule(hp["post_norm"]))
-
-    def _capturer(self, path: str):
-        def capture(module, args, kwargs):
-            self._captured[path] = args[0] if args else kwargs["hidden_states"]
-        return capture
-
-    def detach(self) -> None:
-        for handle in self._hooks.values():
-            handle.remove()
-        self._hooks.clear()
-        self._captured.clear()
+                self._norms[hp["post_norm"]] = innermost(adapter_model.model.get_submodule(hp["post_norm"]))
 
     def delta_input(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         hp = self.hparams[name]
         if hp["option"] == SEQUENTIAL:
             return result
-        captured = self._captured.get(hp["capture"])
-        if captured is None:
-            raise RuntimeError(f"the {hp['option']} adapter found no input captured at {hp['capture']} in this forward")
+        captured = self.captured(hp["capture"])
         if hp["option"] == PARALLEL:
             return captured
         if hp["post_norm"] is not None:
@@ -167,18 +149,6 @@ class BottleneckLayer(AdapterLayer):
         up = self.adapter_up[name](down)
         up = up * (self.adapter_scale[name] if hp["scale"] is None else hp["scale"])
         return self.adapter_norm[name](up) if hp["norm_at"] == "out" else up
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        try:
-            return super().forward(x, *args, **kwargs)
-        finally:
-            self._captured.clear()  # keep no activation alive after the forward
-
-    def remove_adapter(self, name: str) -> None:
-        super().remove_adapter(name)
-        still_read = {hp["capture"] for hp in self.hparams.values()}
-        for path in [p for p in self._hooks if p not in still_read]:
-            self._hooks.pop(path).remove()
 
 
 def _out_features(module: nn.Module) -> int:

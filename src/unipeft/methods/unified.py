@@ -13,13 +13,14 @@ original code's spelling) or "gate_add", and `cross_attn_noln` + "gate_add" is t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from ..config import ConfigError, PeftConfig
 from ..engine.sites import block_paths, family_of, resolve_in_block
 from ..registry import MethodSpec, register_method
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 ATTN_MODES = ("none", "prefix", "prefix_nomlp", "lora", "adapter", "prompt_tuning", "bitfit")
 ATTN_OPTIONS = ("none", "concat", "cross_attn", "cross_attn_noln", "cross_attn_relu", "parallel", "sequential")
@@ -29,6 +30,12 @@ _OPTIONS_OF_MODE = {
     "prefix_nomlp": ("concat", "cross_attn", "cross_attn_noln", "cross_attn_relu"),
     "adapter": ("parallel", "sequential"),
 }
+
+
+# The design-space axes (the original code's option names), as the command line exposes them.
+AXES = ("attn_mode", "attn_option", "attn_composition", "attn_bn", "ffn_mode", "ffn_option",
+        "ffn_adapter_layernorm_option", "ffn_adapter_init_option", "ffn_adapter_scalar", "ffn_bn", "mid_dim",
+        "prefix_dropout", "lora_alpha", "lora_dropout", "lora_init")
 
 
 @dataclass
@@ -93,6 +100,7 @@ def components(config: UnifiedConfig, model: nn.Module) -> list[PeftConfig]:
     """The plain method configs whose union this point of the design space is."""
     from .bitfit import BitFitConfig
     from .bottleneck import BottleneckConfig
+    from .cross_prefix import CrossPrefixConfig
     from .lora import LoraConfig
     from .prefix import PrefixTuningConfig
     from .prompt import PromptTuningConfig
@@ -113,8 +121,9 @@ def components(config: UnifiedConfig, model: nn.Module) -> list[PeftConfig]:
                 prefix_dropout=config.prefix_dropout, **common,
                 prefix_sites=("decoder_self", "encoder_self", "cross") if seq2seq else ("decoder_self",)))
         else:
-            raise ConfigError(f"UnifiedConfig: attn_option={option!r} with attn_composition={config.attn_composition!r} "
-                              f"is not implemented yet")
+            parts.append(CrossPrefixConfig(
+                num_virtual_tokens=config.attn_bn, prefix_form=option, prefix_projection=mode == "prefix",
+                encoder_hidden_size=config.mid_dim, prefix_dropout=config.prefix_dropout, **common, **layers))
     elif mode == "adapter":
         parts.append(BottleneckConfig(sites=["attention"], adapter_option=option, bottleneck_size=config.attn_bn, **adapter))
     elif mode == "lora":

@@ -1,11 +1,13 @@
 """Which adapter `unipeft train --method NAME` attaches: one config builder per method name.
 
 Putting a method on the command line is one entry in `METHODS`; the builder reads the shared
-method knobs (`r`, `alpha`, `dropout`, `target_modules`, `num_virtual_tokens`, `sentence_encoder`) from the
-run's options, and `DEFAULT_LR` holds the learning rate it trains with unless `--lr` is given.
+method knobs (`r`, `alpha`, `dropout`, `target_modules`, `num_virtual_tokens`, `sentence_encoder`,
+`bottleneck_size`, the design-space axes) from the run's options, and `DEFAULT_LR` holds the learning
+rate it trains with unless `--lr` is given.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING, Callable
 
@@ -58,6 +60,53 @@ def _pg(options: "TrainOptions") -> "PeftConfig":
     return _idpg(options, learn_encoder_prompt=True)
 
 
+def _bottleneck(preset: str) -> Callable[["TrainOptions"], "PeftConfig"]:
+    def build(options: "TrainOptions") -> "PeftConfig":
+        from ..methods import bottleneck
+
+        size = {"bottleneck_size": options.bottleneck_size} if options.bottleneck_size else {}
+        return getattr(bottleneck, preset)(task_type="SEQ_CLS", adapter_dropout=options.dropout, **size)
+    return build
+
+
+def _mam(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.unified import MAMConfig
+
+    # The GLUE-size variant (prefix l = 16, adapter r = 64) suits a 22M-parameter classifier; flags override it.
+    return MAMConfig.for_glue(task_type="SEQ_CLS", **(options.axes or {}))
+
+
+def _ia3(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.ia3 import IA3Config
+
+    return IA3Config(task_type="SEQ_CLS", target_modules=options.target_modules)
+
+
+def _bitfit(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.bitfit import BitFitConfig
+
+    return BitFitConfig(task_type="SEQ_CLS")
+
+
+def _unified(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.unified import AXES, UnifiedConfig
+
+    axes = {}
+    if options.unified_config:
+        try:
+            with open(os.path.expanduser(options.unified_config), encoding="utf-8") as fh:
+                axes = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read --unified-config {options.unified_config}: {exc}") from None
+        unknown = sorted(set(axes) - set(AXES) - {"task_type", "peft_type", "layers_to_transform"})
+        if not isinstance(axes, dict) or unknown:
+            raise UsageError(f"--unified-config {options.unified_config} must hold a JSON object of design-space axes "
+                             f"({', '.join(AXES)}); unknown keys: {unknown}")
+    axes = {**axes, **(options.axes or {}), "task_type": "SEQ_CLS"}
+    axes.pop("peft_type", None)
+    return UnifiedConfig(**axes)
+
+
 METHODS: dict[str, Callable[["TrainOptions"], "PeftConfig"]] = {
     "lora": _lora,
     "prompt": _prompt,
@@ -65,6 +114,14 @@ METHODS: dict[str, Callable[["TrainOptions"], "PeftConfig"]] = {
     "prefix": _prefix,
     "idpg": _idpg,
     "pg": _pg,
+    "houlsby": _bottleneck("HoulsbyConfig"),
+    "pfeiffer": _bottleneck("PfeifferConfig"),
+    "parallel": _bottleneck("ParallelAdapterConfig"),
+    "scaled_parallel": _bottleneck("ScaledParallelAdapterConfig"),
+    "mam": _mam,
+    "ia3": _ia3,
+    "bitfit": _bitfit,
+    "unified": _unified,
 }
 PROMPT_METHODS = frozenset({"prompt", "ptuning", "prefix", "idpg", "pg"})  # they add virtual tokens
 IDPG_METHODS = frozenset({"idpg", "pg"})  # they read --sentence-encoder
@@ -80,6 +137,14 @@ DEFAULT_LR = {
     "prefix": 1e-1,
     "idpg": 3e-3,
     "pg": 3e-3,
+    "houlsby": 1e-3,
+    "pfeiffer": 1e-3,
+    "parallel": 1e-3,
+    "scaled_parallel": 1e-3,
+    "mam": 1e-3,
+    "ia3": 1e-2,
+    "bitfit": 1e-3,
+    "unified": 1e-3,
 }
 assert set(DEFAULT_LR) == set(METHODS), "every method needs a default learning rate"
 

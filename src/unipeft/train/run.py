@@ -42,6 +42,9 @@ class TrainOptions:
     num_virtual_tokens: int = 20  # prompt methods
     sentence_encoder: str | None = None  # idpg, pg: None is the base model itself ("self")
     target_modules: list[str] | None = None  # None: the model family's default (query, value for BERT)
+    bottleneck_size: int | None = None  # houlsby, pfeiffer, parallel, scaled_parallel; None: the preset's (64)
+    unified_config: str | None = None  # unified: a JSON file of design-space axes
+    axes: dict | None = None  # unified, mam: axes given as flags (--attn-mode ...), over the JSON file's
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     device: str | None = None  # None: cuda when available, else cpu
@@ -130,6 +133,13 @@ def _check_sentence_encoder(options: TrainOptions, tokenizer) -> None:
 
 def _describe(attached) -> str:
     """What the adapter is attached to, for the log: target modules or virtual tokens (and IDPG's encoder)."""
+    if getattr(attached, "attn_mode", None):  # a point of the design space
+        return ", ".join(f"{axis}={getattr(attached, axis)}" for axis in ("attn_mode", "attn_option", "attn_bn",
+                                                                          "ffn_mode", "ffn_option", "ffn_bn"))
+    if getattr(attached, "sites", None):  # a bottleneck adapter: its sites, not every wrapped projection
+        return f"{attached.adapter_option} adapter at {' and '.join(attached.sites)}, bottleneck {attached.bottleneck_size}"
+    if getattr(attached, "bias_groups", None):
+        return f"biases of {attached.bias_groups} ({len(attached.target_modules)} modules)"
     targets = getattr(attached, "target_modules", None)
     if targets:
         return f"target modules: {targets if isinstance(targets, str) else ', '.join(sorted(targets))}"
