@@ -132,8 +132,9 @@ def render_block_methods() -> str:
         "attention that reads a cache (DeBERTa has none: refused with a clear error); `bitfit` needs biases (T5, "
         "Llama and Mistral have none: refused). Merging (5) for `ia3` and `bitfit` is tested per cell in "
         "`tests/test_ia3.py` and `tests/test_bitfit.py` (with IA3's PEFT interop on GPT-2, BERT, T5, Llama); the "
-        "other methods refuse to merge with a clear error, tested above. `mam` is not the identity at init (its prefix "
-        "is not zero) and refuses mixed batches (8) like every prefix. Parameter counts (11) per preset on bert-base and "
+        "other methods refuse to merge with a clear error, tested above. `mam` and `cross_attn` (a `UnifiedConfig` with the "
+        "prefix as a separate attention branch and a sequential FFN adapter) are not the identity at init (their "
+        "prefix is not zero); `mam` refuses mixed batches (8) like every prefix. Parameter counts (11) per preset on bert-base and "
         "GPT-2 (meta device). Every valid point of `UnifiedConfig` "
         "trains on every family in `tests/test_unified_space.py`.",
     ]

@@ -33,6 +33,8 @@ METHODS = {
                                                 ffn_option="pfeiffer", ffn_bn=R, ffn_adapter_layernorm_option="in"),
     "adapter+lora": lambda task: UnifiedConfig(task_type=task, attn_mode="adapter", attn_option="parallel", attn_bn=R,
                                                ffn_mode="lora", ffn_bn=R),
+    "cross_attn": lambda task: UnifiedConfig(task_type=task, attn_mode="prefix", attn_option="cross_attn", attn_bn=3,
+                                             mid_dim=8, ffn_mode="adapter", ffn_option="sequential", ffn_bn=R),
     "ia3": lambda task: IA3Config(task_type=task),
     # the feature-extraction loss reads the last hidden state only, which BERT's pooler does not reach
     "bitfit": lambda task: BitFitConfig(task_type=task, exclude_modules=["pooler.dense"]),
@@ -191,6 +193,24 @@ def test_mixed_batch_equals_rows_alone(method, family, task):
             peft.set_adapter(name)
             alone = run(peft, rows(batch, i))
         torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ("parallel", "pfeiffer", "cross_attn"))
+@pytest.mark.parametrize("family", ("gpt2", "bert", "t5", "llama"))
+def test_gradient_checkpointing_gives_the_same_gradients(method, family):
+    """A checkpointed block recomputes its forward in backward: the hooks capture the site input again."""
+    task = F.tasks_of(family)[-1]
+    grads = []
+    for checkpointing in (False, True):
+        peft = make(method, family, task)
+        if checkpointing:
+            peft.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft.train()
+        loss_of(peft(**F.make_batch(family, task)), task).backward()
+        grads.append({n: p.grad for n, p in peft.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @covers(9)

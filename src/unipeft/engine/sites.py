@@ -24,6 +24,8 @@ class BlockSites:
     (post-norm models) or to the residual before it (pre-norm), as `ffn_norm_first(config)` says.
     `query` is the attention's query projection; `query_layout` says where the queries sit in its output:
     "plain", "fused" ([q | k | v], GPT-2) or "per_head" (per head [q, k, v], BLOOM and DeBERTa).
+    `residual_is_normed(config)`: the pre-norm model adds back the norm's output, not its input (BLOOM's
+    apply_residual_connection_post_layernorm).
     """
     attn_in: str
     attn_out: str
@@ -33,6 +35,7 @@ class BlockSites:
     query: str
     ffn_norm_first: Callable[[Any], bool] = lambda config: True
     query_layout: str = "plain"
+    residual_is_normed: Callable[[Any], bool] = lambda config: False
 
 
 _BERT_BLOCK = BlockSites("attention.self", "attention.output.dense", "intermediate", "output.dense", "output.LayerNorm",
@@ -76,7 +79,8 @@ FAMILIES: dict[str, FamilySites] = {
     "bloom": FamilySites(lora=("query_key_value",), layers="h",
                          block=BlockSites("self_attention", "self_attention.dense", "mlp", "mlp.dense_4h_to_h",
                                           "post_attention_layernorm", "self_attention.query_key_value",
-                                          query_layout="per_head"),
+                                          query_layout="per_head",
+                                          residual_is_normed=lambda c: c.apply_residual_connection_post_layernorm),
                          ia3=("query_key_value", "mlp.dense_4h_to_h"), ia3_feedforward=("mlp.dense_4h_to_h",)),
     "opt": FamilySites(lora=("q_proj", "v_proj"), layers="layers",
                        block=BlockSites("self_attn", "self_attn.out_proj", "fc1", "fc2", "final_layer_norm",

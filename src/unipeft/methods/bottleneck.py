@@ -80,8 +80,9 @@ class BottleneckConfig(PeftConfig):
                     reads[where(sites.ffn_out)] = (None, None)
                 elif self.adapter_option == PARALLEL:
                     reads[where(sites.ffn_out)] = (where(sites.ffn_in), None)
-                elif sites.ffn_norm_first(model.config):  # pre-norm: the norm's input is the residual stream
-                    reads[where(sites.ffn_out)] = (where(sites.ffn_norm), None)
+                elif sites.ffn_norm_first(model.config):  # pre-norm: the residual is the norm's input (or output)
+                    residual = sites.ffn_in if sites.residual_is_normed(model.config) else sites.ffn_norm
+                    reads[where(sites.ffn_out)] = (where(residual), None)
                 else:  # post-norm: z = LN(h + x), x being the FFN input
                     reads[where(sites.ffn_out)] = (where(sites.ffn_in), where(sites.ffn_norm))
         config = replace(self, target_modules=list(reads))

@@ -5,7 +5,9 @@ query projection of the block input, P_k and P_v are l learned keys and values p
 softmax (`cross_attn_noln`; `cross_attn` adds a LayerNorm on Δ) or a ReLU (`cross_attn_relu`: the
 multi-head parallel adapter). Δ joins the heads' outputs before the output projection W_o, so the
 wrapper of W_o adds W_o Δ to its output. Unlike the concat form (prefix tuning), the branch is
-normalised on its own: its weight is not traded against the attention's (no gate).
+normalised on its own: its weight is not traded against the attention's (no gate). The query is the
+projection's output as the model splits it, without position encodings (rotary, ALiBi, T5's relative
+bias) or DeBERTa's separate q_bias, and every family scales the scores by 1/√d_head.
 
 The keys and values come from the prefix-tuning module (`PrefixKeysValues`: optional MLP
 reparameterisation, dropout, PEFT's flat `prompt_embeddings` layout), held as a side input that the
