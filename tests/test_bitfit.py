@@ -15,7 +15,7 @@ import transformers as T
 from safetensors.torch import load_file
 
 import families as F
-from test_lora_properties import assert_state_equal
+from test_lora_properties import assert_state_equal, run_as
 from unipeft import AdapterError, BitFitConfig, ConfigError, PeftModel, get_peft_model
 from unipeft.engine.sites import family_of
 
@@ -102,14 +102,6 @@ def wrap(model, task, adapters=("default",), **config):
             peft.add_adapter(name, cfg)
         randomize(peft, name, seed=10 + i)
     return peft
-
-
-def run_as(peft: PeftModel, name: str, fn):
-    if name == BASE:
-        with peft.disable_adapter():
-            return fn()
-    peft.set_adapter(name)
-    return fn()
 
 
 # ---- cells without biases ------------------------------------------------------------------------------
@@ -365,7 +357,7 @@ def test_channel_first_modules_broadcast_over_channels():
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(64, 3)).eval()
     x = torch.randn(3, 2, 6, 6)
     base = model(x).detach()
-    with pytest.raises(ConfigError, match="block layout"):
+    with pytest.raises(ConfigError, match="needs the block sites"):
         get_peft_model(copy.deepcopy(model), BitFitConfig(bias_groups=["ffn"]))
     peft = get_peft_model(model, BitFitConfig())
     assert torch.equal(peft(x), base)

@@ -165,3 +165,14 @@ def resolve_in_block(model, block_path: str, relative: str) -> str:
         module = getattr(module, step) if not step.isdigit() else module[int(step)]
         parts.append(step)
     return f"{block_path}.{'.'.join(parts)}"
+
+
+def block_sites_of(model, needed_by: str) -> BlockSites:
+    """The family's block sites, or a clear error naming the method that needs them."""
+    from ..config import ConfigError
+
+    family = family_of(model)
+    if family is None or family.block is None:
+        raise ConfigError(f"{needed_by} needs the block sites (attention and FFN modules) of model_type "
+                          f"{model_type_of(model)!r}, which are not known; supported: {sorted(FAMILIES)}")
+    return family.block

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..config import ConfigError, PeftConfig
 from ..engine.layers import AdapterLayer, innermost
-from ..engine.sites import block_paths, family_of, resolve_in_block
+from ..engine.sites import block_paths, block_sites_of, resolve_in_block
 from ..engine.targeting import logical_modules, name_matches
 from ..registry import MethodSpec, PeftType, register_method
 
@@ -63,14 +63,11 @@ class BitFitConfig(PeftConfig):
         """A copy whose target_modules lists the biased modules of the chosen groups (narrowed by an
         explicit target_modules). Raises before the model is touched if there are none."""
         groups = {self.bias_groups} if isinstance(self.bias_groups, str) else set(self.bias_groups)
-        family = family_of(model)
         needs_blocks = "all" not in groups and bool(groups & {"attention", "ffn"})
-        if needs_blocks and (family is None or family.block is None):
-            raise ConfigError(f"BitFit bias_groups {sorted(groups & {'attention', 'ffn'})} need the block layout of "
-                              f"the model family, unknown for {type(model).__name__}; use 'all' or 'norm', or target_modules")
+        sites = block_sites_of(model, f"BitFit bias_groups {sorted(groups & {'attention', 'ffn'})}") if needs_blocks else None
         modules = list(logical_modules(model))
         heads = [n for n, _ in modules if name_matches(n, self.modules_to_save)]
-        roots = _group_roots(model, family.block) if needs_blocks else {}
+        roots = _group_roots(model, sites) if needs_blocks else {}
         chosen = []
         for name, module in modules:
             if not has_bias(module) or _under(name, heads):

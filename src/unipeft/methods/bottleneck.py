@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..config import ConfigError, PeftConfig
 from ..engine.capture import CapturingLayer
 from ..engine.layers import innermost
-from ..engine.sites import block_paths, family_of, resolve_in_block
+from ..engine.sites import block_paths, block_sites_of, resolve_in_block
 from ..registry import MethodSpec, register_method
 
 ATTENTION, FFN = "attention", "ffn"
@@ -65,11 +65,7 @@ class BottleneckConfig(PeftConfig):
 
     def resolved(self, model: nn.Module) -> "BottleneckConfig":
         """A copy naming the wrapped projection of every block's chosen sites, and where each adapter reads z."""
-        family = family_of(model)
-        sites = family.block if family else None
-        if sites is None:
-            raise ConfigError(f"{type(self).__name__}: no block sites are known for model_type "
-                              f"{getattr(model.config, 'model_type', None)!r}; bottleneck adapters need them")
+        sites = block_sites_of(model, type(self).__name__)
         reads = {}
         for block in block_paths(model):
             where = lambda relative: resolve_in_block(model, block, relative)  # noqa: E731

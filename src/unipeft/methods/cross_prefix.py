@@ -23,10 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError
 from ..engine.capture import CapturingLayer
 from ..engine.layers import innermost
-from ..engine.sites import block_paths, family_of, resolve_in_block
+from ..engine.sites import block_paths, block_sites_of, resolve_in_block
 from ..engine.virtual import SIDE
 from ..registry import MethodSpec, register_method
 from .prefix import PrefixKeysValues, PrefixTuningConfig
@@ -42,11 +41,7 @@ class CrossPrefixConfig(PrefixTuningConfig):
     target_modules: Optional[list[str]] = None  # every block's attention output projection, filled in
 
     def resolved(self, model: nn.Module) -> "CrossPrefixConfig":
-        family = family_of(model)
-        sites = family.block if family else None
-        if sites is None:
-            raise ConfigError(f"the cross-attention prefix forms need the block sites of model_type "
-                              f"{getattr(model.config, 'model_type', None)!r}, which are not known")
+        sites = block_sites_of(model, f"attn_option={self.prefix_form!r}")
         blocks = block_paths(model)
         mc = model.config
         heads = next(getattr(mc, k) for k in ("num_attention_heads", "n_head", "num_heads") if getattr(mc, k, None))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from ..config import ConfigError, PeftConfig
-from ..engine.sites import block_paths, family_of, resolve_in_block
+from ..engine.sites import block_paths, block_sites_of, resolve_in_block
 from ..registry import MethodSpec, register_method
 
 if TYPE_CHECKING:
@@ -143,10 +143,7 @@ def ffn_linears(model: nn.Module) -> list[str]:
     """Every Linear of every block's FFN: the modules under its input end, and its output projection."""
     from ..engine.targeting import is_linear, logical_modules
 
-    sites = family_of(model).block if family_of(model) else None
-    if sites is None:
-        raise ConfigError(f"UnifiedConfig: ffn_mode='lora' needs the FFN sites of model_type "
-                          f"{getattr(model.config, 'model_type', None)!r}, which are not known")
+    sites = block_sites_of(model, "UnifiedConfig(ffn_mode='lora')")
     roots = []
     for block in block_paths(model):
         roots += [resolve_in_block(model, block, sites.ffn_in), resolve_in_block(model, block, sites.ffn_out)]
