@@ -227,6 +227,18 @@ def wrapper_of(module: nn.Module, layer_cls: type) -> "AdapterLayer | None":
     return None
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2), a Linear whose weight is stored [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def out_features(module: nn.Module) -> int:
+    base = innermost(module)
+    return base.weight.shape[1] if is_conv1d(base) else base.weight.shape[0]
+
+
 def innermost(module: nn.Module) -> nn.Module:
     while isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
         module = module.base_layer if isinstance(module, AdapterLayer) else module.original_module

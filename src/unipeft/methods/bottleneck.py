@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, PeftConfig
 from ..engine.capture import CapturingLayer
-from ..engine.layers import innermost
+from ..engine.layers import innermost, out_features
 from ..engine.sites import block_paths, block_sites_of, resolve_in_block
 from ..registry import MethodSpec, register_method
 
@@ -97,7 +97,7 @@ class BottleneckLayer(CapturingLayer):
 
     @classmethod
     def make_parts(cls, base_layer, config: BottleneckConfig, module_name: str):
-        d, r = _out_features(base_layer), config.bottleneck_size
+        d, r = out_features(base_layer), config.bottleneck_size
         kw = {"device": innermost(base_layer).weight.device, "dtype": innermost(base_layer).weight.dtype}
         parts = {"adapter_down": nn.Linear(d, r, **kw), "adapter_up": nn.Linear(r, d, **kw)}
         if config.init_option == "lora":
@@ -146,13 +146,6 @@ class BottleneckLayer(CapturingLayer):
         up = self.adapter_up[name](down)
         up = up * (self.adapter_scale[name] if hp["scale"] is None else hp["scale"])
         return self.adapter_norm[name](up) if hp["norm_at"] == "out" else up
-
-
-def _out_features(module: nn.Module) -> int:
-    weight = innermost(module).weight
-    from transformers.pytorch_utils import Conv1D
-
-    return weight.shape[1] if isinstance(innermost(module), Conv1D) else weight.shape[0]
 
 
 def bottleneck_layer_for(module: nn.Module, config: BottleneckConfig):

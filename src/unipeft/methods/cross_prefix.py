@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..engine.capture import CapturingLayer
-from ..engine.layers import innermost
+from ..engine.layers import innermost, is_conv1d, out_features
 from ..engine.sites import block_paths, block_sites_of, resolve_in_block
 from ..engine.virtual import SIDE
 from ..registry import MethodSpec, register_method
@@ -49,7 +49,7 @@ class CrossPrefixConfig(PrefixTuningConfig):
         reads = {}
         for index, block in enumerate(blocks):
             query = resolve_in_block(model, block, sites.query)
-            width = _out_features(model.get_submodule(query)) // (1 if sites.query_layout == "plain" else 3)
+            width = out_features(model.get_submodule(query)) // (1 if sites.query_layout == "plain" else 3)
             reads[resolve_in_block(model, block, sites.attn_out)] = {
                 "capture": resolve_in_block(model, block, sites.attn_in), "query": query, "layout": sites.query_layout,
                 "layer": index, "heads": heads, "head_dim": width // heads, "form": self.prefix_form}
@@ -117,18 +117,7 @@ class CrossPrefixLayer(CapturingLayer):
         if hp["form"] == "cross_attn":
             branch = self.prefix_norm[name](branch)
         weight = self.weight
-        return branch @ weight if _is_conv1d(innermost(self.base_layer)) else F.linear(branch, weight)
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
-
-
-def _out_features(module: nn.Module) -> int:
-    base = innermost(module)
-    return base.weight.shape[1] if _is_conv1d(base) else base.weight.shape[0]
+        return branch @ weight if is_conv1d(innermost(self.base_layer)) else F.linear(branch, weight)
 
 
 def cross_prefix_layer_for(module: nn.Module, config: CrossPrefixConfig):

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, PeftConfig
-from ..engine.layers import AdapterError, AdapterLayer, innermost
+from ..engine.layers import AdapterError, AdapterLayer, innermost, is_conv1d
 from ..registry import MethodSpec, PeftType, register_method
 
 
@@ -88,17 +88,11 @@ class IA3Config(PeftConfig):
         return out
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
-
-
 class IA3Linear(AdapterLayer):
     @classmethod
     def make_parts(cls, base_layer, config: IA3Config, module_name: str):
         weight = base_layer.weight
-        transposed = _is_conv1d(base_layer)
+        transposed = is_conv1d(base_layer)
         in_features, out_features = weight.shape if transposed else weight.shape[::-1]
         feedforward = config.is_feedforward(module_name)
         shape = (1, in_features) if feedforward else (out_features, 1)
@@ -184,7 +178,7 @@ class IA3Linear(AdapterLayer):
 
 
 def ia3_layer_for(module: nn.Module, config: IA3Config):
-    if _is_conv1d(module):
+    if is_conv1d(module):
         config.fan_in_fan_out = True  # recorded for readers of adapter_config.json; the layer knows anyway
         return IA3Linear
     return IA3Linear if isinstance(module, nn.Linear) else None

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, PeftConfig
-from ..engine.layers import AdapterLayer
+from ..engine.layers import AdapterLayer, is_conv1d
 from ..registry import MethodSpec, PeftType, register_method
 
 # Hugging Face PEFT LoRA fields we do not implement; accepted while neutral (see PeftConfig.from_dict).
@@ -73,12 +73,6 @@ def _pattern_value(patterns: dict, module_name: str, default):
 
 def _scaling(config: LoraConfig, r: int, alpha: float) -> float:
     return alpha / math.sqrt(r) if config.use_rslora else alpha / r
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
 
 
 def _plain_frozen_linear(module: nn.Module) -> bool:
@@ -143,7 +137,7 @@ class LoraLinear(AdapterLayer):
     def make_parts(cls, base_layer, config: LoraConfig, module_name: str):
         r, alpha = config.rank_and_alpha(module_name)
         weight = base_layer.weight
-        transposed = _is_conv1d(base_layer)  # Conv1D stores [in, out]
+        transposed = is_conv1d(base_layer)  # Conv1D stores [in, out]
         in_features, out_features = weight.shape[::-1] if not transposed else weight.shape
         kw = {"bias": False, "device": weight.device, "dtype": weight.dtype}
         lora_A, lora_B = nn.Linear(in_features, r, **kw), nn.Linear(r, out_features, **kw)
@@ -232,7 +226,7 @@ def _factor_product(layer, name: str) -> torch.Tensor:
 
 
 def lora_layer_for(module: nn.Module, config: LoraConfig):
-    if _is_conv1d(module):
+    if is_conv1d(module):
         config.fan_in_fan_out = True  # recorded for readers of adapter_config.json; the layer knows anyway
         return LoraLinear
     if isinstance(module, nn.Linear):
