@@ -87,6 +87,15 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_task(tested: dict, method: str) -> list[str]:
+    """For each task type: the properties `method` passes on every tested cell of that task ("—" if none)."""
+    out = []
+    for task in TASKS:
+        sets = [numbers for (m, _, t), numbers in tested.items() if m == method and t == task]
+        out.append(_numbers(set.intersection(*sets)) if sets else "—")
+    return out
+
+
 def render_prompt_methods() -> str:
     tested = tested_cells("test_prompt_properties", None)
     header = "| family | " + " | ".join(f"`{t}`" for t in TASKS) + " |"
@@ -96,11 +105,7 @@ def render_prompt_methods() -> str:
         lines.append(f"| {family} | " + " | ".join(marks) + " |")
     lines += ["", "| method | " + " | ".join(f"`{t}`" for t in TASKS) + " |", "|---" * (len(TASKS) + 1) + "|"]
     for method in PROMPT_METHODS:
-        per_task = []
-        for task in TASKS:
-            sets = [numbers for (m, _, t), numbers in tested.items() if m == method and t == task]
-            per_task.append(_numbers(set.intersection(*sets)) if sets else "—")
-        lines.append(f"| {method} | " + " | ".join(per_task) + " |")
+        lines.append(f"| {method} | " + " | ".join(_per_task(tested, method)) + " |")
     lines += [
         "",
         "First table: the prompt methods tested on each cell. Second table: the DESIGN.md §4 properties each "
@@ -119,10 +124,7 @@ def render_block_methods() -> str:
     tested = tested_cells("test_block_adapters", None)
     lines = ["| method | " + " | ".join(f"`{t}`" for t in TASKS) + " | families not tested |", "|---" * (len(TASKS) + 2) + "|"]
     for method in B.METHODS:
-        per_task = []
-        for task in TASKS:
-            sets = [numbers for (m, _, t), numbers in tested.items() if m == method and t == task]
-            per_task.append(_numbers(set.intersection(*sets)) if sets else "—")
+        per_task = _per_task(tested, method)
         untested = [f for f in F.FAMILIES if not any(m == method and fam == f for m, fam, _ in tested)]
         lines.append(f"| {method} | " + " | ".join(per_task) + f" | {', '.join(untested) or '—'} |")
     lines += [
