@@ -4,6 +4,7 @@ Methods (--method; the same config in both libraries):
   lora    r=8, lora_alpha=16, lora_dropout=0.0 (targets per case, below)
   prompt  prompt tuning, num_virtual_tokens=20 (PromptTuningConfig, random init)
   prefix  prefix tuning, num_virtual_tokens=20 (PrefixTuningConfig, no projection: past_key_values)
+  dora    LoraConfig(use_dora=True), otherwise as lora
   ia3     IA3Config with HF PEFT's default targets (GPT-2: c_attn, mlp.c_proj; MiniLM: key, value, output.dense;
           feed-forward: mlp.c_proj / output.dense), vectors moved off their init of ones before timing
 
@@ -27,7 +28,7 @@ Per case it measures
     training on top of holding the model);
   * merged inference (LoRA, IA3): merge_and_unload(), eval(), no_grad forward latency against the base model.
 
-Usage:  python benchmarks/lora_step.py [--method lora|prompt|prefix|all] [--case gpt2|minilm|all] [--steps 20]
+Usage:  python benchmarks/lora_step.py [--method lora|prompt|prefix|ia3|dora|lora,dora|all] [--case gpt2|minilm|all] [--steps 20]
                                       [--warmup 3] [--threads N]
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ METHODS = {  # --method: (config class, the same in unipeft and peft; its fields
     "prompt": ("PromptTuningConfig", PROMPT),
     "prefix": ("PrefixTuningConfig", PROMPT),
     "ia3": ("IA3Config", {}),
+    "dora": ("LoraConfig", dict(LORA, use_dora=True)),
 }
 PROMPT_METHODS = ("prompt", "prefix")
 CASES = {
@@ -121,11 +123,11 @@ def wrap(lib: str, model, case: str, method: str = "lora"):
     spec = CASES[case]
     config_class, fields = METHODS[method]
     kwargs = dict(fields, task_type=spec["task_type"])
-    if method == "lora":
+    if method in ("lora", "dora"):
         kwargs["target_modules"] = list(spec["targets"])
     if method == "ia3":
         kwargs.update(target_modules=list(spec["ia3"]), feedforward_modules=list(spec["ia3_ff"]))
-    if method in ("lora", "ia3") and spec.get("fan_in_fan_out"):
+    if method in ("lora", "dora", "ia3") and spec.get("fan_in_fan_out"):
         kwargs["fan_in_fan_out"] = True  # GPT-2 Conv1D; PEFT warns and sets it itself otherwise
     torch.manual_seed(1)
     peft_model = mod.get_peft_model(model, getattr(mod, config_class)(**kwargs))
@@ -168,7 +170,10 @@ class Trainer:
 def trainable(model) -> dict:
     """Trainable parameters by name without the wrappers' leading `base_model.` / `model.` (the two
     libraries nest prompt encoders and modules_to_save at different depths; the rest of the names agree)."""
-    return {re.sub(r"^((base_model|model)\.)+", "", n): p for n, p in model.named_parameters() if p.requires_grad}
+    def key(name: str) -> str:  # PEFT keeps DoRA's magnitude as `.weight` of a module, we as a parameter
+        return re.sub(r"(lora_magnitude_vector\.[^.]+)\.weight$", r"\1", re.sub(r"^((base_model|model)\.)+", "", name))
+
+    return {key(n): p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def sync_adapters(src, dst) -> int:
@@ -357,7 +362,7 @@ def time_case(case: str, steps: int, warmup: int, infer_iters: int, method: str 
     if "floor_t" in times:
         res["ratio_unipeft_over_floor_t"] = paired_ratio(times["unipeft"], times["floor_t"])
         res["ratio_peft_over_floor_t"] = paired_ratio(times["peft"], times["floor_t"])
-    if infer_iters and method in ("lora", "ia3"):
+    if infer_iters and method in ("lora", "dora", "ia3"):
         res["merged_inference"] = time_merged(runners["floor"].model, models, batch, infer_iters)
     return res
 
@@ -479,10 +484,18 @@ def environment(threads: int | None) -> dict:
             "loadavg_start": os.getloadavg()}
 
 
+def _methods(text: str) -> str:
+    names = text.split(",")
+    if text != "all" and any(n not in METHODS for n in names):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(METHODS)}, a comma-separated list of them, or all")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", choices=[*METHODS, "all"], default="lora",
-                    help="lora (default), prompt (prompt tuning), prefix (prefix tuning), ia3 or all")
+    ap.add_argument("--method", type=_methods, default="lora",
+                    help="lora (default), prompt (prompt tuning), prefix (prefix tuning), ia3, dora, a comma-separated "
+                         "list of them (one run, e.g. lora,dora) or all")
     ap.add_argument("--case", choices=["gpt2", "minilm", "all"], default="all")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per runner (after warm-up)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -509,7 +522,7 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")
     cases = list(CASES) if args.case == "all" else [args.case]
-    methods = list(METHODS) if args.method == "all" else [args.method]
+    methods = list(METHODS) if args.method == "all" else args.method.split(",")
     results = {"environment": environment(args.threads),
                "settings": {"methods": methods, "steps": args.steps, "warmup": args.warmup,
                             "infer_iters": args.infer_iters, "mem_steps": args.mem_steps,
@@ -530,7 +543,8 @@ def main() -> None:
     if results["environment"]["unipeft_source_sha256_end"] != results["environment"]["unipeft_source_sha256"]:
         print("WARNING: unipeft's source changed during the run (memory subprocesses may have measured other code)")
     print_table(results)
-    out = Path(args.out or HERE / "results" / ("lora_step.json" if methods == ["lora"] else f"step_{args.method}.json"))
+    name = "lora_step.json" if methods == ["lora"] else f"step_{args.method.replace(',', '_')}.json"
+    out = Path(args.out or HERE / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out}")

@@ -17,7 +17,7 @@ import families as F
 from test_lora_properties import covers, loss_of, rows, train
 from test_prompt_properties import NO_CACHE, greedy_by_forward
 from unipeft import (
-    AdapterError, BitFitConfig, ConfigError, HoulsbyConfig, IA3Config, ParallelAdapterConfig, PeftModel, PfeifferConfig,
+    AdapterError, BitFitConfig, ConfigError, HoulsbyConfig, IA3Config, LoraConfig, ParallelAdapterConfig, PeftModel, PfeifferConfig,
     ScaledParallelAdapterConfig, get_peft_model,
 )
 from unipeft.methods.unified import MAMConfig, UnifiedConfig
@@ -35,13 +35,15 @@ METHODS = {
                                                ffn_mode="lora", ffn_bn=R),
     "cross_attn": lambda task: UnifiedConfig(task_type=task, attn_mode="prefix", attn_option="cross_attn", attn_bn=3,
                                              mid_dim=8, ffn_mode="adapter", ffn_option="sequential", ffn_bn=R),
+    "dora": lambda task: LoraConfig(task_type=task, r=R, lora_alpha=2 * R, use_dora=True),
     "ia3": lambda task: IA3Config(task_type=task),
     # the feature-extraction loss reads the last hidden state only, which BERT's pooler does not reach
     "bitfit": lambda task: BitFitConfig(task_type=task, exclude_modules=["pooler.dense"]),
 }
 PROMPT_PART = {"mam"}  # holds a prefix: needs a cache-reading attention, cannot mix batches
-IDENTITY_AT_INIT = {"houlsby", "pfeiffer", "parallel", "scaled_parallel", "lora+pfeiffer", "adapter+lora", "ia3", "bitfit"}
-MERGEABLE = {"ia3", "bitfit"}  # merged exactly: tests/test_ia3.py and tests/test_bitfit.py check it per cell
+IDENTITY_AT_INIT = {"houlsby", "pfeiffer", "parallel", "scaled_parallel", "lora+pfeiffer", "adapter+lora", "dora", "ia3",
+                    "bitfit"}
+MERGEABLE = {"dora", "ia3", "bitfit"}  # merged exactly: tests/test_dora.py, test_ia3.py, test_bitfit.py
 NO_BIAS = {"t5", "llama", "mistral"}  # BitFit has nothing to train there (tests/test_bitfit.py checks the error)
 
 

@@ -20,7 +20,7 @@ from ..registry import MethodSpec, PeftType, register_method
 # Hugging Face PEFT LoRA fields we do not implement; accepted while neutral (see PeftConfig.from_dict).
 _PEFT_ONLY_FIELDS = {
     "megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
-    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None, "use_dora": False,
+    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
     "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
@@ -45,6 +45,7 @@ class LoraConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False  # DoRA (methods/dora.py): a learned magnitude per output row
 
     _peft_neutral_fields = _PEFT_ONLY_FIELDS
 
@@ -226,10 +227,19 @@ def _factor_product(layer, name: str) -> torch.Tensor:
 
 
 def lora_layer_for(module: nn.Module, config: LoraConfig):
+    linear = is_conv1d(module) or isinstance(module, nn.Linear)
     if is_conv1d(module):
         config.fan_in_fan_out = True  # recorded for readers of adapter_config.json; the layer knows anyway
-        return LoraLinear
-    if isinstance(module, nn.Linear):
+    if config.use_dora:
+        if not linear:
+            from ..engine.targeting import TargetError
+
+            raise TargetError(f"use_dora=True works on Linear and Conv1D layers, not on a {type(module).__name__}; "
+                              f"remove it from target_modules (or set use_dora=False)")
+        from .dora import DoraLinear
+
+        return DoraLinear
+    if linear:
         return LoraLinear
     if isinstance(module, nn.Embedding):
         return LoraEmbedding

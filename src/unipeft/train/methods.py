@@ -27,6 +27,13 @@ def _lora(options: "TrainOptions") -> "PeftConfig":
                       lora_dropout=options.dropout, target_modules=options.target_modules)
 
 
+def _dora(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.lora import LoraConfig
+
+    return LoraConfig(task_type="SEQ_CLS", r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                      target_modules=options.target_modules, use_dora=True)
+
+
 def _prompt(options: "TrainOptions") -> "PeftConfig":
     from ..methods.prompt import PromptTuningConfig
 
@@ -109,6 +116,7 @@ def _unified(options: "TrainOptions") -> "PeftConfig":
 
 METHODS: dict[str, Callable[["TrainOptions"], "PeftConfig"]] = {
     "lora": _lora,
+    "dora": _dora,
     "prompt": _prompt,
     "ptuning": _ptuning,
     "prefix": _prefix,
@@ -134,6 +142,7 @@ IDPG_METHODS = frozenset({"idpg", "pg"})  # they read --sentence-encoder
 # embedded default").
 DEFAULT_LR = {
     "lora": 1e-3,
+    "dora": 1e-3,  # LoRA's rate (DoRA's paper keeps LoRA's); not swept here
     "prompt": 1e-1,
     "ptuning": 1e-1,
     "prefix": 1e-1,
