@@ -17,7 +17,7 @@ import families as F
 from test_lora_properties import covers, loss_of, rows, train
 from test_prompt_properties import NO_CACHE, greedy_by_forward
 from unipeft import (
-    AdapterError, BitFitConfig, ConfigError, HoulsbyConfig, IA3Config, LoraConfig, ParallelAdapterConfig, PeftModel, PfeifferConfig,
+    AdapterError, BitFitConfig, ConfigError, HoulsbyConfig, IA3Config, LoHaConfig, LoraConfig, ParallelAdapterConfig, PeftModel, PfeifferConfig,
     ScaledParallelAdapterConfig, get_peft_model,
 )
 from unipeft.methods.unified import MAMConfig, UnifiedConfig
@@ -36,14 +36,15 @@ METHODS = {
     "cross_attn": lambda task: UnifiedConfig(task_type=task, attn_mode="prefix", attn_option="cross_attn", attn_bn=3,
                                              mid_dim=8, ffn_mode="adapter", ffn_option="sequential", ffn_bn=R),
     "dora": lambda task: LoraConfig(task_type=task, r=R, lora_alpha=2 * R, use_dora=True),
+    "loha": lambda task: LoHaConfig(task_type=task, r=R, alpha=2 * R),
     "ia3": lambda task: IA3Config(task_type=task),
     # the feature-extraction loss reads the last hidden state only, which BERT's pooler does not reach
     "bitfit": lambda task: BitFitConfig(task_type=task, exclude_modules=["pooler.dense"]),
 }
 PROMPT_PART = {"mam"}  # holds a prefix: needs a cache-reading attention, cannot mix batches
-IDENTITY_AT_INIT = {"houlsby", "pfeiffer", "parallel", "scaled_parallel", "lora+pfeiffer", "adapter+lora", "dora", "ia3",
-                    "bitfit"}
-MERGEABLE = {"dora", "ia3", "bitfit"}  # merged exactly: tests/test_dora.py, test_ia3.py, test_bitfit.py
+IDENTITY_AT_INIT = {"houlsby", "pfeiffer", "parallel", "scaled_parallel", "lora+pfeiffer", "adapter+lora", "dora", "loha",
+                    "ia3", "bitfit"}
+MERGEABLE = {"dora", "loha", "ia3", "bitfit"}  # merged exactly: tests/test_dora.py, test_loha.py, test_ia3.py, ...
 NO_BIAS = {"t5", "llama", "mistral"}  # BitFit has nothing to train there (tests/test_bitfit.py checks the error)
 
 
@@ -63,8 +64,21 @@ def run(model, batch, **kwargs) -> torch.Tensor:
 
 
 def is_adapter_param(name: str) -> bool:
-    return any(part in name for part in (".adapter_", ".lora_", ".bitfit_", ".ia3_", ".prefix_norm.", ".prompt_encoder.",
+    return any(part in name for part in (".adapter_", ".lora_", ".hada_", ".bitfit_", ".ia3_", ".prefix_norm.", ".prompt_encoder.",
                                          ".modules_to_save."))
+
+
+def assert_merge_round_trip(peft_model, batch: dict) -> None:
+    """Merged = unmerged outputs (fp32 1e-5), unmerge restores every base tensor, merge_and_unload agrees."""
+    before = {n: p.detach().clone() for n, p in peft_model.get_base_model().named_parameters() if not is_adapter_param(n)}
+    expected = run(peft_model, batch)
+    peft_model.merge_adapter()
+    torch.testing.assert_close(run(peft_model, batch), expected, rtol=1e-5, atol=1e-5)
+    peft_model.unmerge_adapter()
+    after = dict(peft_model.get_base_model().named_parameters())
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(peft_model.merge_and_unload(), batch), expected, rtol=1e-5, atol=1e-5)
 
 
 def randomize(peft, name="default", seed=100):

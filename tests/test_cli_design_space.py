@@ -30,6 +30,7 @@ def train(tiny_model, tiny_csv, out, *args) -> dict:  # noqa: F811
     ("ia3", [], {"peft_type": "IA3", "target_modules": ["key", "value", "output.dense"],
                  "feedforward_modules": ["output.dense"]}),
     ("bitfit", [], {"peft_type": "BITFIT", "bias_groups": "all"}),
+    ("loha", ["--r", "4"], {"peft_type": "LOHA", "r": 4, "alpha": 16.0, "target_modules": ["query", "value"]}),
     ("dora", ["--r", "4"], {"peft_type": "LORA", "use_dora": True, "r": 4, "target_modules": ["query", "value"]}),
     ("unified", ["--attn-mode", "lora", "--attn-bn", "4", "--ffn-mode", "adapter", "--ffn-option", "pfeiffer", "--ffn-bn", "8"],
      {"peft_type": "UNIFIED", "attn_mode": "lora", "attn_bn": 4, "ffn_mode": "adapter", "ffn_option": "pfeiffer"}),

@@ -8,7 +8,7 @@ import torch
 import transformers as T
 
 import families as F
-from test_block_adapters import randomize, run
+from test_block_adapters import assert_merge_round_trip, randomize, run
 from unipeft import LoraConfig, PeftModel, TargetError, get_peft_model
 from unipeft.methods.dora import row_norms
 
@@ -64,15 +64,7 @@ def test_row_norms_equal_the_norms_of_the_formed_weight():
 def test_merge_unmerge_and_unload(family, task):
     peft_model = randomize(get_peft_model(F.make_model(family, task), config(task)))
     batch = F.make_batch(family, task)
-    before = {n: p.detach().clone() for n, p in peft_model.get_base_model().named_parameters() if "lora_" not in n}
-    expected = run(peft_model, batch)
-    peft_model.merge_adapter()
-    torch.testing.assert_close(run(peft_model, batch), expected, rtol=1e-5, atol=1e-5)
-    peft_model.unmerge_adapter()
-    after = dict(peft_model.get_base_model().named_parameters())
-    for name, value in before.items():
-        torch.testing.assert_close(after[name], value, rtol=0, atol=1e-6, msg=name)
-    torch.testing.assert_close(run(peft_model.merge_and_unload(), batch), expected, rtol=1e-5, atol=1e-5)
+    assert_merge_round_trip(peft_model, batch)
 
 
 @pytest.mark.parametrize("name,make", [("bert-base", T.BertConfig), ("gpt2", T.GPT2Config)])

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PeftConfig": "config", "TaskType": "config", "get_peft_config": "config", "ConfigError": "config",
     "PeftType": "registry", "register_method": "registry", "MethodSpec": "registry",
-    "LoraConfig": "methods.lora",
+    "LoraConfig": "methods.lora", "LoHaConfig": "methods.loha",
     "IA3Config": "methods.ia3",
     "BitFitConfig": "methods.bitfit",
     "PromptTuningConfig": "methods.prompt", "PromptEncoderConfig": "methods.prompt", "PromptTuningInit": "methods.prompt",

@@ -21,6 +21,7 @@ METHOD_MODULES: dict[str, str] = {
     "BOTTLENECK": "unipeft.methods.bottleneck",
     "UNIFIED": "unipeft.methods.unified",
     "CROSS_PREFIX": "unipeft.methods.cross_prefix",
+    "LOHA": "unipeft.methods.loha",
 }
 
 PeftType = enum.Enum("PeftType", {name: name for name in METHOD_MODULES}, type=str)

@@ -61,11 +61,11 @@ class LoraConfig(PeftConfig):
             raise ConfigError("LoraConfig.layers_pattern only applies together with layers_to_transform")
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
-        return (_pattern_value(self.rank_pattern, module_name, self.r),
-                _pattern_value(self.alpha_pattern, module_name, self.lora_alpha))
+        return (pattern_value(self.rank_pattern, module_name, self.r),
+                pattern_value(self.alpha_pattern, module_name, self.lora_alpha))
 
 
-def _pattern_value(patterns: dict, module_name: str, default):
+def pattern_value(patterns: dict, module_name: str, default):
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", module_name):
             return value

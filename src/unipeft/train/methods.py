@@ -34,6 +34,12 @@ def _dora(options: "TrainOptions") -> "PeftConfig":
                       target_modules=options.target_modules, use_dora=True)
 
 
+def _loha(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.loha import LoHaConfig
+
+    return LoHaConfig(task_type="SEQ_CLS", r=options.r, alpha=options.alpha, target_modules=options.target_modules)
+
+
 def _prompt(options: "TrainOptions") -> "PeftConfig":
     from ..methods.prompt import PromptTuningConfig
 
@@ -117,6 +123,7 @@ def _unified(options: "TrainOptions") -> "PeftConfig":
 METHODS: dict[str, Callable[["TrainOptions"], "PeftConfig"]] = {
     "lora": _lora,
     "dora": _dora,
+    "loha": _loha,
     "prompt": _prompt,
     "ptuning": _ptuning,
     "prefix": _prefix,
@@ -143,6 +150,7 @@ IDPG_METHODS = frozenset({"idpg", "pg"})  # they read --sentence-encoder
 DEFAULT_LR = {
     "lora": 1e-3,
     "dora": 1e-3,  # LoRA's rate (DoRA's paper keeps LoRA's); not swept here
+    "loha": 1e-3,  # LoRA's rate; not swept here
     "prompt": 1e-1,
     "ptuning": 1e-1,
     "prefix": 1e-1,

@@ -1,0 +1,72 @@
+"""LoHa: HF PEFT interop both ways, GPT-2's Conv1D against the formula, merge / unmerge, counts, bad input.
+The section-4 properties on every cell run in tests/test_block_adapters.py."""
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+import transformers as T
+
+import families as F
+from test_block_adapters import assert_merge_round_trip, randomize, run
+from unipeft import ConfigError, LoHaConfig, PeftModel, get_peft_model
+
+CELLS = [("bert", "SEQ_CLS"), ("t5", "SEQ_2_SEQ_LM"), ("llama", "CAUSAL_LM")]  # PEFT's LoHa adapts nn.Linear only
+
+
+def config(task, lib=None):
+    return (lib or __import__("unipeft")).LoHaConfig(task_type=task, r=4, alpha=8, init_weights=False)
+
+
+@pytest.mark.parametrize("family,task", CELLS)
+def test_both_ways_with_peft(family, task, tmp_path):
+    batch = F.make_batch(family, task)
+    ours = randomize(get_peft_model(F.make_model(family, task), config(task)))
+    assert not torch.allclose(run(ours, batch), run(F.make_model(family, task), batch), atol=1e-4)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(F.make_model(family, task), tmp_path / "ours").eval()
+    torch.testing.assert_close(run(theirs, batch), run(ours, batch), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(F.make_model(family, task), config(task, peft)).eval()
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = PeftModel.from_pretrained(F.make_model(family, task), tmp_path / "theirs")
+    torch.testing.assert_close(run(loaded, batch), run(theirs, batch), rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_conv1d_equals_the_base_with_the_formed_weight():
+    peft_model = randomize(get_peft_model(F.make_model("gpt2", "CAUSAL_LM"), config("CAUSAL_LM")))
+    edited = F.make_model("gpt2", "CAUSAL_LM")
+    with torch.no_grad():
+        for name, module in peft_model.get_base_model().named_modules():
+            if hasattr(module, "hada_w1_a"):
+                w1 = module.hada_w1_a["default"] @ module.hada_w1_b["default"]
+                w2 = module.hada_w2_a["default"] @ module.hada_w2_b["default"]
+                edited.get_submodule(name).weight.add_((w1 * w2 * 2.0).t())  # alpha / r = 2; Conv1D is [in, out]
+    batch = F.make_batch("gpt2", "CAUSAL_LM")
+    torch.testing.assert_close(run(peft_model, batch), run(edited, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,task", CELLS + [("gpt2", "CAUSAL_LM")])
+def test_merge_unmerge_and_unload(family, task):
+    peft_model = randomize(get_peft_model(F.make_model(family, task), config(task)))
+    batch = F.make_batch(family, task)
+    assert_merge_round_trip(peft_model, batch)
+
+
+@pytest.mark.parametrize("name,make", [("bert-base", T.BertConfig), ("gpt2", T.GPT2Config)])
+def test_count_is_two_rank_r_pairs_per_layer(name, make):
+    c = make()
+    d, layers = c.hidden_size, c.num_hidden_layers
+    with torch.device("meta"):
+        model = T.AutoModel.from_config(c)
+        base = sum(p.numel() for p in model.parameters())
+        counted = get_peft_model(model, LoHaConfig(r=8)).get_nb_trainable_parameters()
+    per_layer = 2 * 2 * 8 * (d + d) if name == "bert-base" else 2 * 8 * (d + 3 * d)  # q, v / c_attn (d -> 3d)
+    assert counted == (layers * per_layer, base + layers * per_layer)
+
+
+@pytest.mark.parametrize("kwargs,message", [(dict(r=0), "r must be a positive"),
+                                            (dict(rank_dropout=0.1), "not implemented")])
+def test_bad_config(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        LoHaConfig(**kwargs)
