@@ -192,6 +192,16 @@ def test_two_adapters_switch_and_delete(method, family, task, tmp_path):
     torch.testing.assert_close(run(both, batch), run(F.make_model(family, task), batch), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ("gpt2", "bert", "t5"))
+def test_mam_refuses_a_mixed_batch_clearly(family):
+    """Its prefix changes the attention's key length, which rows of one batch cannot differ in."""
+    task = F.tasks_of(family)[-1]
+    peft = make("mam", family, task)
+    peft.add_adapter("second", METHODS["mam"](task))
+    with pytest.raises(AdapterError, match="cannot be mixed in one batch"):
+        run(peft, F.make_batch(family, task), adapter_names=["default", "__base__", "second"])
+
+
 @covers(8)
 @pytest.mark.parametrize("method,family,task", cells([m for m in METHODS if m not in PROMPT_PART]))
 def test_mixed_batch_equals_rows_alone(method, family, task):

@@ -75,6 +75,9 @@ def test_every_attention_form_saves_and_loads(family, attn, tmp_path):
     peft.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(F.make_model(family, task), tmp_path)
     assert isinstance(loaded.peft_config["default"], UnifiedConfig)
+    if attn[0].startswith("prefix") and (attn[1] == "concat" or attn[2] == "gate_add"):
+        expected_sites = ("decoder_self", "encoder_self", "cross") if family == "bart" else ("decoder_self",)
+        assert loaded.base_model.prompt_encoder["default"].sites == expected_sites  # Li & Liang's three sites
     torch.testing.assert_close(run(loaded, batch), expected, rtol=0, atol=1e-6)
     with loaded.disable_adapter():
         torch.testing.assert_close(run(loaded, batch), run(F.make_model(family, task), batch), rtol=0, atol=0)
