@@ -5,6 +5,9 @@ Methods (--method; the same config in both libraries):
   prompt  prompt tuning, num_virtual_tokens=20 (PromptTuningConfig, random init)
   prefix  prefix tuning, num_virtual_tokens=20 (PrefixTuningConfig, no projection: past_key_values)
   dora    LoraConfig(use_dora=True), otherwise as lora
+  loha, lokr  LoHaConfig / LoKrConfig(r=8, alpha=16), LoRA's targets; MiniLM only (PEFT adapts nn.Linear only)
+  oft     OFTConfig(oft_block_size=32), LoRA's targets; MiniLM only (likewise)
+  adalora AdaLoraConfig(init_r=12, target_r=8, lora_alpha=16, total_step=1000); update_and_allocate in every step
   ia3     IA3Config with HF PEFT's default targets (GPT-2: c_attn, mlp.c_proj; MiniLM: key, value, output.dense;
           feed-forward: mlp.c_proj / output.dense), vectors moved off their init of ones before timing
 
@@ -28,7 +31,7 @@ Per case it measures
     training on top of holding the model);
   * merged inference (LoRA, IA3): merge_and_unload(), eval(), no_grad forward latency against the base model.
 
-Usage:  python benchmarks/lora_step.py [--method lora|prompt|prefix|ia3|dora|lora,dora|all] [--case gpt2|minilm|all] [--steps 20]
+Usage:  python benchmarks/lora_step.py [--method lora|prompt|prefix|ia3|dora|loha|lokr|oft|adalora|lora,dora|all] [--case gpt2|minilm|all] [--steps 20]
                                       [--warmup 3] [--threads N]
 """
 from __future__ import annotations
@@ -58,8 +61,14 @@ METHODS = {  # --method: (config class, the same in unipeft and peft; its fields
     "prefix": ("PrefixTuningConfig", PROMPT),
     "ia3": ("IA3Config", {}),
     "dora": ("LoraConfig", dict(LORA, use_dora=True)),
+    "loha": ("LoHaConfig", {"r": 8, "alpha": 16}),
+    "lokr": ("LoKrConfig", {"r": 8, "alpha": 16}),
+    "oft": ("OFTConfig", {"r": 0, "oft_block_size": 32}),
+    # the rank schedule runs after every step in both libraries (update_and_allocate), inside the timed step
+    "adalora": ("AdaLoraConfig", {"init_r": 12, "target_r": 8, "lora_alpha": 16, "total_step": 1000, "tinit": 0}),
 }
 PROMPT_METHODS = ("prompt", "prefix")
+ONLY_CASES = {"loha": ("minilm",), "lokr": ("minilm",), "oft": ("minilm",)}  # HF PEFT's do not adapt GPT-2's Conv1D
 CASES = {
     "gpt2": {"batch": 4, "seq": 256, "targets": ["c_attn"], "task_type": "CAUSAL_LM", "fan_in_fan_out": True,
              "ia3": ["c_attn", "mlp.c_proj"], "ia3_ff": ["mlp.c_proj"]},
@@ -123,11 +132,11 @@ def wrap(lib: str, model, case: str, method: str = "lora"):
     spec = CASES[case]
     config_class, fields = METHODS[method]
     kwargs = dict(fields, task_type=spec["task_type"])
-    if method in ("lora", "dora"):
+    if method not in PROMPT_METHODS:
         kwargs["target_modules"] = list(spec["targets"])
     if method == "ia3":
         kwargs.update(target_modules=list(spec["ia3"]), feedforward_modules=list(spec["ia3_ff"]))
-    if method in ("lora", "dora", "ia3") and spec.get("fan_in_fan_out"):
+    if method in ("lora", "dora", "ia3", "adalora") and spec.get("fan_in_fan_out"):
         kwargs["fan_in_fan_out"] = True  # GPT-2 Conv1D; PEFT warns and sets it itself otherwise
     torch.manual_seed(1)
     peft_model = mod.get_peft_model(model, getattr(mod, config_class)(**kwargs))
@@ -156,13 +165,17 @@ class Floor:
 
 
 class Trainer:
-    def __init__(self, model, optimizer, batch):
+    def __init__(self, model, optimizer, batch, schedule: bool = False):
         self.model, self.optimizer, self.batch = model, optimizer, batch
+        self.schedule, self.steps = schedule, 0  # schedule: AdaLoRA's update_and_allocate after each step
 
     def step(self) -> float:
         loss = self.model(**self.batch).loss
         loss.backward()
         self.optimizer.step()
+        if self.schedule:
+            self.model.base_model.update_and_allocate(self.steps)
+        self.steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach().item()
 
@@ -273,7 +286,7 @@ def memory_worker(lib: str, case: str, steps: int, threads: int | None, method: 
     setup_peak = peak_rss_mb()
     reset = reset_peak()
     setup_rss = current_rss_mb()
-    runner = Trainer(*wrap(lib, model, case, method), batch) if lib in LIBS else Floor(model, batch)
+    runner = Trainer(*wrap(lib, model, case, method), batch, method == "adalora") if lib in LIBS else Floor(model, batch)
     for _ in range(steps):
         runner.step()
     peak = peak_rss_mb()
@@ -320,7 +333,7 @@ def time_case(case: str, steps: int, warmup: int, infer_iters: int, method: str 
     models = {}
     for lib in LIBS:
         models[lib], opt = wrap(lib, copy.deepcopy(base), case, method)
-        runners[lib] = Trainer(models[lib], opt, batch)
+        runners[lib] = Trainer(models[lib], opt, batch, method == "adalora")
     synced = sync_adapters(models["unipeft"], models["peft"])
     equivalence = check_equivalence(models, batch)
     print(f"  [{case}/{method}] equivalence: loss unipeft {equivalence['loss_unipeft']:.7f}, peft "
@@ -494,7 +507,7 @@ def _methods(text: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", type=_methods, default="lora",
-                    help="lora (default), prompt (prompt tuning), prefix (prefix tuning), ia3, dora, a comma-separated "
+                    help="lora (default), prompt (prompt tuning), prefix (prefix tuning), ia3, dora, loha, lokr, oft, adalora, a comma-separated "
                          "list of them (one run, e.g. lora,dora) or all")
     ap.add_argument("--case", choices=["gpt2", "minilm", "all"], default="all")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per runner (after warm-up)")
@@ -530,6 +543,9 @@ def main() -> None:
                "cases": {}}
     for method in methods:
         for case in cases:
+            if case not in ONLY_CASES.get(method, (case,)):
+                print(f"== {case}/{method}: skipped, HF PEFT's {method} cannot adapt this model's layers")
+                continue
             key = f"{case}/{method}"
             print(f"== {key}: timing floor / unipeft / peft, interleaved, {args.warmup} warm-up + {args.steps} rounds")
             results["cases"][key] = time_case(case, args.steps, args.warmup, args.infer_iters, method)

@@ -130,11 +130,12 @@ def render_block_methods() -> str:
     lines += [
         "",
         "The DESIGN.md §4 properties each method passes on every cell (family × task of the support matrix) of that "
-        "task type, from `tests/test_block_adapters.py` (`dora` is `LoraConfig(use_dora=True)`, `loha` is `LoHaConfig`). Untested families: `mam` holds a prefix, which needs an "
+        "task type, from `tests/test_block_adapters.py` (`dora` is `LoraConfig(use_dora=True)`, `loha`, `lokr`, `oft`, "
+        "`adalora` are `LoHaConfig`, `LoKrConfig`, `OFTConfig`, `AdaLoraConfig`). Untested families: `mam` holds a prefix, which needs an "
         "attention that reads a cache (DeBERTa has none: refused with a clear error); `bitfit` needs biases (T5, "
         "Llama and Mistral have none: refused). Merging (5) for `ia3` and `bitfit` is tested per cell in "
-        "`tests/test_ia3.py` and `tests/test_bitfit.py`, for `dora` and `loha` in `tests/test_dora.py` and "
-        "`tests/test_loha.py` (PEFT interop there too); the "
+        "`tests/test_ia3.py` and `tests/test_bitfit.py`, for the LoRA variants in `tests/test_dora.py`, "
+        "`test_loha.py`, `test_lokr.py`, `test_oft.py` and `test_adalora.py` (PEFT interop there too); the "
         "other methods refuse to merge with a clear error, tested above. `mam` and `cross_attn` (a `UnifiedConfig` with the "
         "prefix as a separate attention branch and a sequential FFN adapter) are not the identity at init (their "
         "prefix is not zero); `mam` refuses mixed batches (8) like every prefix. Parameter counts (11) per preset on bert-base and "

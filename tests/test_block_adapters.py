@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
 import families as F
+import unipeft
 from test_lora_properties import covers, loss_of, rows, train
 from test_prompt_properties import NO_CACHE, greedy_by_forward
 from unipeft import (
@@ -37,14 +38,19 @@ METHODS = {
                                              mid_dim=8, ffn_mode="adapter", ffn_option="sequential", ffn_bn=R),
     "dora": lambda task: LoraConfig(task_type=task, r=R, lora_alpha=2 * R, use_dora=True),
     "loha": lambda task: LoHaConfig(task_type=task, r=R, alpha=2 * R),
+    "lokr": lambda task: unipeft.LoKrConfig(task_type=task, r=R, alpha=2 * R),
+    "oft": lambda task: unipeft.OFTConfig(task_type=task, r=0, oft_block_size=4),
+    # the feature-extraction loss reads the last hidden state only, which BERT's pooler (in RoBERTa's
+    # default AdaLoRA targets, "dense") does not reach
+    "adalora": lambda task: unipeft.AdaLoraConfig(task_type=task, init_r=R, target_r=R // 2, total_step=100,
+                                                  exclude_modules=["pooler.dense"]),
     "ia3": lambda task: IA3Config(task_type=task),
-    # the feature-extraction loss reads the last hidden state only, which BERT's pooler does not reach
     "bitfit": lambda task: BitFitConfig(task_type=task, exclude_modules=["pooler.dense"]),
 }
 PROMPT_PART = {"mam"}  # holds a prefix: needs a cache-reading attention, cannot mix batches
 IDENTITY_AT_INIT = {"houlsby", "pfeiffer", "parallel", "scaled_parallel", "lora+pfeiffer", "adapter+lora", "dora", "loha",
-                    "ia3", "bitfit"}
-MERGEABLE = {"dora", "loha", "ia3", "bitfit"}  # merged exactly: tests/test_dora.py, test_loha.py, test_ia3.py, ...
+                    "lokr", "oft", "adalora", "ia3", "bitfit"}
+MERGEABLE = {"dora", "loha", "lokr", "oft", "adalora", "ia3", "bitfit"}  # merged exactly: tests/test_dora.py, test_loha.py, test_ia3.py, ...
 NO_BIAS = {"t5", "llama", "mistral"}  # BitFit has nothing to train there (tests/test_bitfit.py checks the error)
 
 
@@ -64,7 +70,7 @@ def run(model, batch, **kwargs) -> torch.Tensor:
 
 
 def is_adapter_param(name: str) -> bool:
-    return any(part in name for part in (".adapter_", ".lora_", ".hada_", ".bitfit_", ".ia3_", ".prefix_norm.", ".prompt_encoder.",
+    return any(part in name for part in (".adapter_", ".lora_", ".hada_", ".lokr_", ".oft_", ".bitfit_", ".ia3_", ".prefix_norm.", ".prompt_encoder.",
                                          ".modules_to_save."))
 
 
@@ -530,3 +536,10 @@ def test_unknown_family_is_refused_clearly():
                                                     num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
     with pytest.raises(ConfigError, match="block sites .* of model_type .electra., which are not known"):
         get_peft_model(model, HoulsbyConfig(bottleneck_size=R))
+
+
+def test_readme_block_matrix_is_current():
+    import support_matrix
+
+    assert support_matrix.readme_block((support_matrix.BLOCK_START, support_matrix.BLOCK_END)) == \
+        support_matrix.render_block_methods(), "README block-method matrix is stale: run `python tests/support_matrix.py --write`"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from safetensors.torch import load_file
@@ -32,6 +33,9 @@ def train(tiny_model, tiny_csv, out, *args) -> dict:  # noqa: F811
     ("bitfit", [], {"peft_type": "BITFIT", "bias_groups": "all"}),
     ("loha", ["--r", "4"], {"peft_type": "LOHA", "r": 4, "alpha": 16.0, "target_modules": ["query", "value"]}),
     ("dora", ["--r", "4"], {"peft_type": "LORA", "use_dora": True, "r": 4, "target_modules": ["query", "value"]}),
+    ("lokr", ["--r", "4"], {"peft_type": "LOKR", "r": 4, "alpha": 16.0, "target_modules": ["query", "value"]}),
+    ("oft", [], {"peft_type": "OFT", "r": 0, "oft_block_size": 32, "target_modules": ["query", "value"]}),
+    ("adalora", ["--r", "4"], {"peft_type": "ADALORA", "target_r": 4, "init_r": 6, "target_modules": ["query", "value"]}),
     ("unified", ["--attn-mode", "lora", "--attn-bn", "4", "--ffn-mode", "adapter", "--ffn-option", "pfeiffer", "--ffn-bn", "8"],
      {"peft_type": "UNIFIED", "attn_mode": "lora", "attn_bn": 4, "ffn_mode": "adapter", "ffn_option": "pfeiffer"}),
 ])
@@ -43,7 +47,21 @@ def test_method_trains_and_saves_its_config(method, args, expected, tmp_path, ti
     assert metrics["method"] == method and metrics["lr"] == DEFAULT_LR[method]
     assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
     assert metrics["trainable_params"] == sum(t.numel() for t in load_file(out / "adapter_model.safetensors").values()) \
-        or method == "mam"  # MAM also trains the prefix MLP, which the checkpoint folds into the prefix
+        or method in ("mam", "adalora")  # MAM's prefix MLP folds into the prefix; AdaLoRA saves the kept ranks
+
+
+def test_adalora_runs_its_rank_schedule_inside_unipeft_train(tmp_path, tiny_model, tiny_csv):  # noqa: F811
+    out = tmp_path / "adapter"
+    metrics = train(tiny_model, tiny_csv, out, "--method", "adalora", "--r", "2")
+    config = json.loads((out / "adapter_config.json").read_text())
+    steps = 2 * math.ceil(metrics["num_train"] / 16)  # --epochs 2 --batch-size 16
+    assert (config["total_step"], config["tinit"], config["tfinal"]) == (steps, steps // 10, steps // 5)
+    pattern = config["rank_pattern"]
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert len(pattern) == 4 and all(len(kept) == 3 for kept in pattern.values())  # 2 layers × query, value; init_r 3
+    assert sum(sum(kept) for kept in pattern.values()) == 2 * len(pattern)  # the budget ends at target_r per module
+    for key, kept in pattern.items():
+        assert tensors[f"base_model.model.{key.removesuffix('.lora_E')}.lora_A"].shape[0] == sum(kept)
 
 
 def test_unified_reads_a_json_file_and_flags_override_it(tmp_path, tiny_model, tiny_csv):  # noqa: F811

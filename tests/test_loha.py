@@ -2,14 +2,14 @@
 The section-4 properties on every cell run in tests/test_block_adapters.py."""
 from __future__ import annotations
 
-import peft
 import pytest
 import torch
 import transformers as T
 
 import families as F
+from peft_interop import assert_both_ways
 from test_block_adapters import assert_merge_round_trip, randomize, run
-from unipeft import ConfigError, LoHaConfig, PeftModel, get_peft_model
+from unipeft import ConfigError, LoHaConfig, get_peft_model
 
 CELLS = [("bert", "SEQ_CLS"), ("t5", "SEQ_2_SEQ_LM"), ("llama", "CAUSAL_LM")]  # PEFT's LoHa adapts nn.Linear only
 
@@ -20,17 +20,7 @@ def config(task, lib=None):
 
 @pytest.mark.parametrize("family,task", CELLS)
 def test_both_ways_with_peft(family, task, tmp_path):
-    batch = F.make_batch(family, task)
-    ours = randomize(get_peft_model(F.make_model(family, task), config(task)))
-    assert not torch.allclose(run(ours, batch), run(F.make_model(family, task), batch), atol=1e-4)
-    ours.save_pretrained(tmp_path / "ours")
-    theirs = peft.PeftModel.from_pretrained(F.make_model(family, task), tmp_path / "ours").eval()
-    torch.testing.assert_close(run(theirs, batch), run(ours, batch), rtol=1e-5, atol=1e-5)
-    torch.manual_seed(1)
-    theirs = peft.get_peft_model(F.make_model(family, task), config(task, peft)).eval()
-    theirs.save_pretrained(tmp_path / "theirs")
-    loaded = PeftModel.from_pretrained(F.make_model(family, task), tmp_path / "theirs")
-    torch.testing.assert_close(run(loaded, batch), run(theirs, batch), rtol=1e-5, atol=1e-5)
+    assert_both_ways(family, task, lambda lib: config(task, lib), tmp_path)
 
 
 def test_gpt2_conv1d_equals_the_base_with_the_formed_weight():
@@ -66,7 +56,7 @@ def test_count_is_two_rank_r_pairs_per_layer(name, make):
 
 
 @pytest.mark.parametrize("kwargs,message", [(dict(r=0), "r must be a positive"),
-                                            (dict(rank_dropout=0.1), "not implemented")])
+                                            (dict(rank_dropout=1.5), r"rank_dropout must be in \[0, 1\]")])
 def test_bad_config(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         LoHaConfig(**kwargs)

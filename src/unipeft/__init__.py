@@ -13,6 +13,8 @@ _EXPORTS = {
     "PeftConfig": "config", "TaskType": "config", "get_peft_config": "config", "ConfigError": "config",
     "PeftType": "registry", "register_method": "registry", "MethodSpec": "registry",
     "LoraConfig": "methods.lora", "LoHaConfig": "methods.loha",
+    "LoKrConfig": "methods.lokr", "OFTConfig": "methods.oft", "AdaLoraConfig": "methods.adalora",
+    "AdaLoraCallback": "callbacks",
     "IA3Config": "methods.ia3",
     "BitFitConfig": "methods.bitfit",
     "PromptTuningConfig": "methods.prompt", "PromptEncoderConfig": "methods.prompt", "PromptTuningInit": "methods.prompt",

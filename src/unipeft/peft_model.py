@@ -230,7 +230,7 @@ class PeftModel(nn.Module):
             directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
             training = {} if flat else self.base_model.training_tensors(name)
             config = self.peft_config[name]
-            save_adapter(directory, config.to_saved_json(), self.base_model.adapter_tensors(name), training, key_prefix(config))
+            save_adapter(directory, config.to_saved_json(), self.base_model.adapter_tensors(name, saving=True), training, key_prefix(config))
 
     def export_flat(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
         """Save the inference-only form Hugging Face PEFT reads: no reparameterisation networks."""

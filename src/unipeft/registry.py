@@ -22,6 +22,9 @@ METHOD_MODULES: dict[str, str] = {
     "UNIFIED": "unipeft.methods.unified",
     "CROSS_PREFIX": "unipeft.methods.cross_prefix",
     "LOHA": "unipeft.methods.loha",
+    "LOKR": "unipeft.methods.lokr",
+    "OFT": "unipeft.methods.oft",
+    "ADALORA": "unipeft.methods.adalora",
 }
 
 PeftType = enum.Enum("PeftType", {name: name for name in METHOD_MODULES}, type=str)
@@ -41,6 +44,10 @@ class MethodSpec:
     build_virtual: Optional[Callable] = None
     # For union configs (the design space): (config, model) -> the plain method configs it is made of
     components: Optional[Callable] = None
+    # (adapter_model, adapter name) -> a term added to the model's loss while the adapter trains
+    loss_term: Optional[Callable] = None
+    # (adapter_model, adapter name, global step) -> None, after each optimizer step (AdaLoRA's rank schedule)
+    after_optimizer_step: Optional[Callable] = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -73,10 +73,28 @@ class AdapterModel(nn.Module):
         self.adapter_state = AdapterState()
         self.prompt_encoder = nn.ModuleDict()  # prompt adapters by name (HF PEFT's attribute name)
         self.virtual_inputs: VirtualInputs | None = None
+        self.method_state: dict[str, Any] = {}  # what a method keeps across steps, by adapter name
         self.add_adapter(adapter_name, config, state_dict, source)
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        outputs = self.model(*args, **kwargs)
+        if isinstance(getattr(outputs, "loss", None), torch.Tensor):
+            for name, spec in self._training_specs("loss_term"):
+                outputs.loss = outputs.loss + spec.loss_term(self, name)
+        return outputs
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Run the per-step work of the training adapters' methods (AdaLoRA's rank allocation; nothing for
+        the others). Call it after each `optimizer.step()`, before `zero_grad()`, with the 0-based step;
+        `unipeft train` and `unipeft.AdapterStepCallback` (for transformers.Trainer) do."""
+        for name, spec in self._training_specs("after_optimizer_step"):
+            spec.after_optimizer_step(self, name, global_step)
+
+    def _training_specs(self, hook: str):
+        for name in self.adapter_state.active:
+            spec = get_method(self.peft_config[name].peft_type)
+            if getattr(spec, hook) is not None and not self.peft_config[name].inference_mode:
+                yield name, spec
 
     # ---- adding adapters -----------------------------------------------------------------------
     def plan(self, name: str, config) -> AdapterPlan:
@@ -251,16 +269,18 @@ class AdapterModel(nn.Module):
                 for pname, param in module.named_parameters(recurse=False):
                     yield (f"{module_name}.{pname}" if module_name else pname), param
 
-    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Everything adapter `name` owns, keyed as in the checkpoint (adapter name stripped)."""
+    def adapter_tensors(self, name: str, saving: bool = False) -> dict[str, torch.Tensor]:
+        """Everything adapter `name` owns, keyed as in the checkpoint (adapter name stripped); `saving`
+        gives what the file holds, which a method may prune (AdaLoRA drops its masked ranks)."""
         out: dict[str, torch.Tensor] = {}
         if name in self.prompt_encoder:
             out.update(self.prompt_encoder[name].checkpoint_tensors())
         bias = getattr(self.peft_config[name], "bias", "none")
         for module_name, module in self.adapter_layers():
             if isinstance(module, AdapterLayer) and name in module.hparams:
-                out.update(named_part_tensors(logical_name(module_name), module.parts_of(name)))
-                bias_name = _module_bias_name(module_name, module) if bias == "lora_only" else None
+                parts = module.saved_parts(name) if saving else module.parts_of(name)
+                out.update(named_part_tensors(logical_name(module_name), parts))
+                bias_name = _module_bias_name(module_name, module) if bias.endswith("_only") else None  # lora_only, oft_only
                 if bias_name:
                     out[bias_name] = innermost(module).bias
             elif isinstance(module, ModulesToSaveWrapper) and name in module.modules_to_save:
@@ -377,6 +397,7 @@ class AdapterModel(nn.Module):
                 chosen = next((n for n in keep if n in module.modules_to_save), None)
                 self.model.set_submodule(module_name, module.modules_to_save[chosen] if chosen else module.original_module)
         self.peft_config.clear()
+        self.method_state.clear()
         self.adapter_state.active = []
         self._drop_prompts(list(self.prompt_encoder))
         return self.model
@@ -398,6 +419,7 @@ class AdapterModel(nn.Module):
                 inner = module.base_layer if isinstance(module, AdapterLayer) else module.original_module
                 self.model.set_submodule(module_name, inner)
         del self.peft_config[name]
+        self.method_state.pop(name, None)
         self._drop_prompts([name] if name in self.prompt_encoder else [])
         state = self.adapter_state
         state.active = [n for n in state.active if n != name] or list(self.peft_config)[:1]

@@ -72,6 +72,7 @@ class AdapterLayer(nn.Module):
     """Wraps `base_layer` (kept intact as a child) and adds the deltas of the active adapters."""
 
     mergeable = True  # False where the change is not a function of the weights alone (bottleneck adapters)
+    delta_depends_on_weight = False  # True where ΔW is a function of W (DoRA, OFT): merge keeps what it added
 
     def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
         super().__init__()
@@ -121,6 +122,10 @@ class AdapterLayer(nn.Module):
 
     def parts_of(self, name: str) -> dict[str, Any]:
         return {p: getattr(self, p)[name] for p in self.part_names}
+
+    def saved_parts(self, name: str) -> dict[str, Any]:
+        """What the checkpoint holds of adapter `name`: its parts, unless the method prunes them (AdaLoRA)."""
+        return self.parts_of(name)
 
     def add_adapter(self, name: str, parts: dict[str, Any], hparams: dict[str, Any]) -> None:
         for part, value in parts.items():
@@ -196,8 +201,15 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def _apply_weight_delta(self, name: str, sign: float) -> None:
+        if not self.delta_depends_on_weight:
+            delta = self.delta_weight(name)
+        else:  # after the merge, W has changed and so would ΔW: undo with the very change that was added
+            merged = self.__dict__.setdefault("_merged_deltas", {})
+            delta = self.delta_weight(name) if sign > 0 else merged.pop(name)
+            if sign > 0:
+                merged[name] = delta
         weight = self.base_weight()
-        weight.data.add_(self.delta_weight(name).to(weight.dtype), alpha=sign)
+        weight.data.add_(delta.to(weight.dtype), alpha=sign)
 
 
 def base_named_modules(module: nn.Module, prefix: str = ""):

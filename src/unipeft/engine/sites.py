@@ -1,6 +1,7 @@
 """Per-family site maps: data, not code. Each row names modules by suffix for one `model_type`.
 
 `lora`       default LoRA targets (the attention query/value projections, as in the LoRA paper)
+`adalora`    default AdaLoRA targets where HF PEFT's differ from `lora` (LoRA's otherwise)
 `ia3`, `ia3_feedforward`  default IA3 targets and which of them scale their input (HF PEFT's defaults)
 `block`      where block-level methods attach inside one transformer block (see `BlockSites`)
 `heads`      task heads that are newly initialised for SEQ_CLS / TOKEN_CLS and so must be trained and saved
@@ -54,21 +55,28 @@ class FamilySites:
     seq_cls_heads: tuple[str, ...] = ("classifier", "score")
     token_cls_heads: tuple[str, ...] = ("classifier", "score")
     checkpointing_keeps_cache: bool = True
+    adalora: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.adalora is None:
+            object.__setattr__(self, "adalora", self.lora)
 
 
 _ENC_HEADS = ("classifier",)
 _DEBERTA_HEADS = ("pooler", "classifier")  # DeBERTa's ContextPooler is not in pretrained checkpoints
 _ENCDEC_HEADS = ("classification_head",)
+_ATTN_AND_FC = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 FAMILIES: dict[str, FamilySites] = {
     "bert": FamilySites(lora=("query", "value"), layers="layer", seq_cls_heads=_ENC_HEADS, block=_BERT_BLOCK,
                         ia3=("key", "value", "output.dense"), ia3_feedforward=("output.dense",)),
-    "roberta": FamilySites(lora=("query", "value"), layers="layer", seq_cls_heads=_ENC_HEADS, block=_BERT_BLOCK,
+    "roberta": FamilySites(lora=("query", "value"), adalora=("query", "key", "value", "dense"), layers="layer", seq_cls_heads=_ENC_HEADS, block=_BERT_BLOCK,
                            ia3=("key", "value", "output.dense"), ia3_feedforward=("output.dense",)),
     "deberta": FamilySites(lora=("in_proj",), layers="layer", seq_cls_heads=_DEBERTA_HEADS,
                            block=replace(_BERT_BLOCK, query="attention.self.in_proj", query_layout="per_head"),
                            ia3=("in_proj", "output.dense"), ia3_feedforward=("output.dense",)),
-    "deberta-v2": FamilySites(lora=("query_proj", "value_proj"), layers="layer", seq_cls_heads=_DEBERTA_HEADS,
+    "deberta-v2": FamilySites(lora=("query_proj", "value_proj"), adalora=("query_proj", "key_proj", "value_proj", "dense"),
+                              layers="layer", seq_cls_heads=_DEBERTA_HEADS,
                               block=replace(_BERT_BLOCK, query="attention.self.query_proj"),
                               ia3=("key_proj", "value_proj", "output.dense"),
                               ia3_feedforward=("output.dense",)),
@@ -82,7 +90,7 @@ FAMILIES: dict[str, FamilySites] = {
                                           query_layout="per_head",
                                           residual_is_normed=lambda c: c.apply_residual_connection_post_layernorm),
                          ia3=("query_key_value", "mlp.dense_4h_to_h"), ia3_feedforward=("mlp.dense_4h_to_h",)),
-    "opt": FamilySites(lora=("q_proj", "v_proj"), layers="layers",
+    "opt": FamilySites(lora=("q_proj", "v_proj"), adalora=_ATTN_AND_FC, layers="layers",
                        block=BlockSites("self_attn", "self_attn.out_proj", "fc1", "fc2", "final_layer_norm",
                                         "self_attn.q_proj", lambda config: config.do_layer_norm_before),
                        ia3=("q_proj", "k_proj", "fc2"), ia3_feedforward=("fc2",)),
@@ -94,11 +102,11 @@ FAMILIES: dict[str, FamilySites] = {
     "gptj": FamilySites(lora=("q_proj", "v_proj"), layers="h",
                         block=BlockSites("attn", "attn.out_proj", "mlp", "mlp.fc_out", "ln_1", "attn.q_proj"),
                         ia3=("q_proj", "v_proj", "fc_out"), ia3_feedforward=("fc_out",)),
-    "t5": FamilySites(lora=("q", "v"), layers="block", seq_cls_heads=_ENCDEC_HEADS,
+    "t5": FamilySites(lora=("q", "v"), adalora=("q", "k", "v", "o", "wi", "wo"), layers="block", seq_cls_heads=_ENCDEC_HEADS,
                       block=BlockSites("layer.0.SelfAttention", "layer.0.SelfAttention.o", "layer.-1.DenseReluDense",
                                        "layer.-1.DenseReluDense.wo", "layer.-1.layer_norm", "layer.0.SelfAttention.q"),
                       ia3=("k", "v", "wo"), ia3_feedforward=("wo",)),
-    "bart": FamilySites(lora=("q_proj", "v_proj"), layers="layers", seq_cls_heads=_ENCDEC_HEADS,
+    "bart": FamilySites(lora=("q_proj", "v_proj"), adalora=_ATTN_AND_FC, layers="layers", seq_cls_heads=_ENCDEC_HEADS,
                         block=BlockSites("self_attn", "self_attn.out_proj", "fc1", "fc2", "final_layer_norm",
                                          "self_attn.q_proj", lambda config: False),
                         ia3=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",)),

@@ -31,6 +31,7 @@ def row_norms(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) 
 
 
 class DoraLinear(LoraLinear):
+    delta_depends_on_weight = True  # the norms read W
     @classmethod
     def make_parts(cls, base_layer, config: LoraConfig, module_name: str):
         parts, hparams = super().make_parts(base_layer, config, module_name)
@@ -70,7 +71,7 @@ class DoraLinear(LoraLinear):
     def fused_forward(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None  # LoRA's fused node has no magnitude
 
-    # ---- merge: W' = (m/‖·‖) ⊙ (W + s·BA); the change is kept to undo it exactly --------------------
+    # ---- merge: W' = (m/‖·‖) ⊙ (W + s·BA) ----------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
         hp = self.hparams[name]
         weight = self._weight()
@@ -78,11 +79,3 @@ class DoraLinear(LoraLinear):
         scale = (self.lora_magnitude_vector[name] / self.norms(name)).unsqueeze(1)
         delta = (scale - 1) * weight + scale * lora
         return delta.t() if hp["transposed"] else delta
-
-    @torch.no_grad()
-    def _apply_weight_delta(self, name: str, sign: float) -> None:
-        merged = self.__dict__.setdefault("_merged_deltas", {})
-        delta = self.delta_weight(name) if sign > 0 else merged.pop(name)
-        if sign > 0:
-            merged[name] = delta
-        self.base_weight().data.add_(delta.to(self.base_weight().dtype), alpha=sign)

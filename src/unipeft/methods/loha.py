@@ -8,51 +8,28 @@ unipeft also GPT-2's Conv1D (weight stored [in, out]).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, PeftConfig
-from ..engine.layers import AdapterLayer, is_conv1d
+from ..engine.layers import AdapterLayer, is_conv1d, out_features
 from ..registry import MethodSpec, register_method
-from .lora import pattern_value
+from .lycoris import LycorisConfig, module_dropped, rank_keep
 
 
 @dataclass
-class LoHaConfig(PeftConfig):
+class LoHaConfig(LycorisConfig):
     peft_type: Optional[str] = "LOHA"
-    r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
-    target_modules: Optional[Union[list[str], str]] = None
-    exclude_modules: Optional[Union[list[str], str]] = None
     init_weights: bool = True
-    layers_to_transform: Optional[Union[list[int], int]] = None
-    layers_pattern: Optional[Union[list[str], str]] = None
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    modules_to_save: Optional[list[str]] = None
-
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if self.r <= 0 or any(v <= 0 for v in self.rank_pattern.values()):
-            raise ConfigError(f"LoHaConfig.r must be a positive integer, got r={self.r}, rank_pattern={self.rank_pattern}")
-        if self.rank_dropout or self.module_dropout:
-            raise ConfigError("LoHaConfig: rank_dropout and module_dropout are not implemented in unipeft; set them to 0")
 
 
 class LoHaLinear(AdapterLayer):
     @classmethod
     def make_parts(cls, base_layer, config: LoHaConfig, module_name: str):
-        r = pattern_value(config.rank_pattern, module_name, config.r)
-        alpha = pattern_value(config.alpha_pattern, module_name, config.alpha)
+        r, alpha = config.rank_and_alpha(module_name)
         transposed = is_conv1d(base_layer)
         out_features, in_features = base_layer.weight.shape[::-1] if transposed else base_layer.weight.shape
         kw = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
@@ -63,7 +40,8 @@ class LoHaLinear(AdapterLayer):
         if config.init_weights:
             nn.init.zeros_(parts["hada_w2_b"])
         parts = {name: nn.Parameter(tensor) for name, tensor in parts.items()}
-        return parts, {"scaling": alpha / r, "transposed": transposed}
+        return parts, {"scaling": alpha / r, "transposed": transposed, "rank_dropout": config.rank_dropout,
+                       "module_dropout": config.module_dropout}
 
     def _delta_out_in(self, name: str) -> torch.Tensor:
         w1 = self.hada_w1_a[name] @ self.hada_w1_b[name]
@@ -71,7 +49,12 @@ class LoHaLinear(AdapterLayer):
         return w1 * w2 * self.hparams[name]["scaling"]
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams[name]
+        if module_dropped(self.training, hp["module_dropout"]):
+            return x.new_zeros(*x.shape[:-1], out_features(self))
         delta = self._delta_out_in(name)
+        if self.training and hp["rank_dropout"]:  # LyCORIS's LoHa always rescales by the mask's mean
+            delta = delta * rank_keep(delta.shape[0], hp["rank_dropout"], rescale=True).to(delta)[:, None]
         return F.linear(x.to(delta.dtype), delta)
 
     def delta_weight(self, name: str) -> torch.Tensor:

@@ -53,12 +53,15 @@ class LoraConfig(PeftConfig):
         super().validate()
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        if self.r <= 0 or any(v <= 0 for v in self.rank_pattern.values()):
-            raise ConfigError(f"LoraConfig.r must be a positive integer, got r={self.r}, rank_pattern={self.rank_pattern}")
+        self.check_ranks()
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError("LoraConfig.layers_pattern only applies together with layers_to_transform")
+
+    def check_ranks(self) -> None:
+        if self.r <= 0 or any(v <= 0 for v in self.rank_pattern.values()):
+            raise ConfigError(f"LoraConfig.r must be a positive integer, got r={self.r}, rank_pattern={self.rank_pattern}")
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         return (pattern_value(self.rank_pattern, module_name, self.r),
@@ -272,7 +275,7 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
     if len(weights) != len(adapters):
         raise ConfigError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
     configs = [tuner.peft_config[a] for a in adapters]
-    if not all(isinstance(c, LoraConfig) for c in configs) or any(c.rank_pattern for c in configs):
+    if not all(type(c) is LoraConfig for c in configs) or any(c.rank_pattern for c in configs):
         raise ConfigError("add_weighted_adapter combines LoRA adapters without rank_pattern only")
     ranks = [c.r for c in configs]
     if combination_type == "linear":

@@ -60,13 +60,16 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dic
 
 def train_epoch(model, loader: DataLoader, optimizer, scheduler, device, description: str = "train",
                 max_grad_norm: float | None = 1.0, progress: bool = True,
-                backward: Callable[[torch.Tensor], None] | None = None) -> float:
-    """One pass over `loader`; returns the mean training loss. The bar shows the running mean."""
+                backward: Callable[[torch.Tensor], None] | None = None, first_step: int = 0) -> float:
+    """One pass over `loader`; returns the mean training loss. The bar shows the running mean.
+    After each optimizer step the adapters' per-step work runs (AdaLoRA's rank schedule), with the
+    run's 0-based step number: `first_step` is the number of steps taken in earlier epochs."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    per_step_work = getattr(getattr(model, "base_model", None), "update_and_allocate", None)
     total_loss, seen = 0.0, 0
     bar = tqdm(loader, desc=description, disable=not progress, leave=True, dynamic_ncols=True)
-    for batch in bar:
+    for step, batch in enumerate(bar, start=first_step):
         batch = to_device(batch, device)
         loss = model(**batch).loss
         (backward or torch.Tensor.backward)(loss)
@@ -74,6 +77,8 @@ def train_epoch(model, loader: DataLoader, optimizer, scheduler, device, descrip
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         scheduler.step()
+        if per_step_work is not None:
+            per_step_work(step)
         optimizer.zero_grad(set_to_none=True)
         rows = batch["labels"].shape[0]
         total_loss += loss.item() * rows

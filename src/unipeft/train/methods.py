@@ -8,6 +8,7 @@ rate it trains with unless `--lr` is given.
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import TYPE_CHECKING, Callable
 
@@ -38,6 +39,30 @@ def _loha(options: "TrainOptions") -> "PeftConfig":
     from ..methods.loha import LoHaConfig
 
     return LoHaConfig(task_type="SEQ_CLS", r=options.r, alpha=options.alpha, target_modules=options.target_modules)
+
+
+def _lokr(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.lokr import LoKrConfig
+
+    return LoKrConfig(task_type="SEQ_CLS", r=options.r, alpha=options.alpha, target_modules=options.target_modules)
+
+
+def _oft(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.oft import OFTConfig
+
+    # HF PEFT's default: blocks of 32 (MiniLM's 384 features make 12 rotations per layer); --r is not read
+    return OFTConfig(task_type="SEQ_CLS", r=0, oft_block_size=32, target_modules=options.target_modules)
+
+
+def _adalora(options: "TrainOptions") -> "PeftConfig":
+    from ..methods.adalora import AdaLoraConfig
+
+    # --r is the final average rank; training starts from 1.5× as many triplets (the paper's 12 -> 8),
+    # keeps them for the first 10% of steps and fine-tunes the final ranks for the last 20%
+    steps = options.total_steps
+    return AdaLoraConfig(task_type="SEQ_CLS", target_r=options.r, init_r=math.ceil(1.5 * options.r),
+                         lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=options.target_modules,
+                         total_step=steps, tinit=steps // 10, tfinal=steps // 5)
 
 
 def _prompt(options: "TrainOptions") -> "PeftConfig":
@@ -124,6 +149,9 @@ METHODS: dict[str, Callable[["TrainOptions"], "PeftConfig"]] = {
     "lora": _lora,
     "dora": _dora,
     "loha": _loha,
+    "lokr": _lokr,
+    "oft": _oft,
+    "adalora": _adalora,
     "prompt": _prompt,
     "ptuning": _ptuning,
     "prefix": _prefix,
@@ -151,6 +179,9 @@ DEFAULT_LR = {
     "lora": 1e-3,
     "dora": 1e-3,  # LoRA's rate (DoRA's paper keeps LoRA's); not swept here
     "loha": 1e-3,  # LoRA's rate; not swept here
+    "lokr": 1e-3,  # LoRA's rate; not swept here
+    "oft": 1e-3,  # LoRA's rate; not swept here
+    "adalora": 1e-3,  # LoRA's rate; not swept here
     "prompt": 1e-1,
     "ptuning": 1e-1,
     "prefix": 1e-1,

@@ -49,6 +49,7 @@ class TrainOptions:
     warmup_ratio: float = 0.06
     device: str | None = None  # None: cuda when available, else cpu
     progress: bool = True
+    total_steps: int | None = None  # not a flag: set by run() to epochs × batches (AdaLoRA's schedule length)
 
 
 def default_output_dir(root: str = "runs") -> str:
@@ -170,7 +171,8 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     _check_numbers(options)
     output_dir = options.output_dir or default_output_dir()
     _check_output_dir(output_dir)
-    config = method_config(options)  # fails on a bad knob before anything slow happens
+    # fails on a bad knob before anything slow happens (the run takes at least one step per epoch)
+    method_config(dataclasses.replace(options, total_steps=options.epochs))
 
     dataset = data_mod.load_dataset(options.data, options.text_column, options.label_column, options.split_seed,
                                     options.max_train_samples, options.max_eval_samples)
@@ -195,7 +197,10 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
         _check_room_for_virtual_tokens(options, model)
     if method in IDPG_METHODS and options.sentence_encoder:
         _check_sentence_encoder(options, tokenizer)
-    peft_model = _attach_adapter(model, config).to(device)
+    train_loader = make_loader(dataset.train, tokenizer, options.batch_size, options.max_length,
+                               shuffle=True, seed=options.seed)
+    options = dataclasses.replace(options, total_steps=options.epochs * len(train_loader))
+    peft_model = _attach_adapter(model, method_config(options)).to(device)
     trainable, total = peft_model.get_nb_trainable_parameters()
     log(f"model: {model_name} ({type(model).__name__}) on {device}")
     attached = peft_model.active_peft_config  # the family's default targets and the task head filled in
@@ -203,8 +208,6 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
         f"{', '.join(attached.modules_to_save or []) or 'none'})")
     log(f"trainable params: {trainable:,d} of {total:,d} ({100 * trainable / total:.4f}%)")
 
-    train_loader = make_loader(dataset.train, tokenizer, options.batch_size, options.max_length,
-                               shuffle=True, seed=options.seed)
     val_loader = make_loader(dataset.validation, tokenizer, options.batch_size, options.max_length)
     test_loader = make_loader(dataset.test, tokenizer, options.batch_size, options.max_length)
     lr = options.lr if options.lr is not None else default_lr(method)
@@ -215,7 +218,8 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     train_started = time.perf_counter()
     for epoch in range(1, options.epochs + 1):
         loss = train_epoch(peft_model, train_loader, optimizer, scheduler, device,
-                           description=f"epoch {epoch}/{options.epochs}", progress=options.progress)
+                           description=f"epoch {epoch}/{options.epochs}", progress=options.progress,
+                           first_step=(epoch - 1) * len(train_loader))
         val_accuracy = accuracy(predict(peft_model, val_loader, device), dataset.validation)
         epochs.append({"epoch": epoch, "train_loss": loss, "validation_accuracy": val_accuracy})
         log(f"epoch {epoch}/{options.epochs}: train loss {loss:.4f}, validation accuracy {val_accuracy:.4f}")
@@ -245,7 +249,7 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
         "lr": lr,
-        "steps": options.epochs * len(train_loader),
+        "steps": options.total_steps,
         "device": str(device),
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,
