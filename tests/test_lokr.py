@@ -152,3 +152,16 @@ def test_factor_that_does_not_divide_is_refused_before_the_model_changes(family,
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(weights[n], p) for n, p in model.state_dict().items()) and len(weights) == len(model.state_dict())
     get_peft_model(model, LoKrConfig(task_type="SEQ_CLS", decompose_factor=4))  # a divisor of 32 and 96 works
+
+
+def test_kronecker_product_and_its_gradients_equal_the_formed_matrix():
+    """The forward never forms W1 ⊗ W2 and the backward recomputes X W2ᵀ: both checked against torch.kron
+    and by finite differences."""
+    from unipeft.methods.lokr import _KroneckerApply
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_KroneckerApply.apply(x, w1, w2), x @ torch.kron(w1, w2).t())
+    assert torch.autograd.gradcheck(_KroneckerApply.apply, (x, w1, w2))

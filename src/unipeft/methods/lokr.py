@@ -50,6 +50,30 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return dim // m, m
 
 
+class _KroneckerApply(torch.autograd.Function):
+    """(W1 ⊗ W2) x for every token, as W1 X W2ᵀ with x viewed as X [c, d]: never the out × in matrix, and
+    Z = X W2ᵀ is recomputed in backward rather than saved, so no token-sized tensor is kept beyond x."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2):
+        (a, c), (b, d) = w1.shape, w2.shape
+        ctx.save_for_backward(x, w1, w2)
+        z = x.reshape(-1, c, d) @ w2.t()  # [n, c, b]
+        return torch.einsum("ac,ncb->nab", w1, z).reshape(*x.shape[:-1], a * b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, w1, w2 = ctx.saved_tensors
+        (a, c), (b, d) = w1.shape, w2.shape
+        X, G = x.reshape(-1, c, d), grad.reshape(-1, a, b)
+        grad_z = torch.einsum("ac,nab->ncb", w1, G)
+        grad_x = (grad_z @ w2).reshape(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w1 = torch.einsum("nab,ncb->ac", G, X @ w2.t()) if ctx.needs_input_grad[1] else None
+        grad_w2 = torch.einsum("ncb,ncd->bd", grad_z, X) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w1, grad_w2
+
+
 class LoKrLinear(AdapterLayer):
     @classmethod
     def make_parts(cls, base_layer, config: LoKrConfig, module_name: str):
@@ -91,13 +115,9 @@ class LoKrLinear(AdapterLayer):
         if module_dropped(self.training, hp["module_dropout"]):
             return x.new_zeros(*x.shape[:-1], out_features(self))
         w1, w2 = self._factor(name, "w1"), self._factor(name, "w2")
-        (a, c), (b, d) = w1.shape, w2.shape
-        # kron(W1, W2) x = vec(W1 X W2ᵀ) with X = x as [c, d]: two small GEMMs, never the out × in ΔW
-        X = x.to(w1.dtype).reshape(-1, c, d)
-        y = (X @ w2.t()).transpose(1, 2) @ (w1.t() * hp["scaling"])  # [n, b, a]
-        y = y.transpose(1, 2).reshape(*x.shape[:-1], a * b)
+        y = _KroneckerApply.apply(x.to(w1.dtype), w1 * hp["scaling"], w2)
         if self.training and hp["rank_dropout"]:
-            y = y * rank_keep(a * b, hp["rank_dropout"], hp["rank_dropout_scale"]).to(y)
+            y = y * rank_keep(y.shape[-1], hp["rank_dropout"], hp["rank_dropout_scale"]).to(y)
         return y
 
     def delta_weight(self, name: str) -> torch.Tensor:

@@ -174,14 +174,14 @@ IDPG_METHODS = frozenset({"idpg", "pg"})  # they read --sentence-encoder
 # accuracy after 126 steps, training loss on ties; README, "Prompt methods on the embedded default").
 # IDPG's generator is a 3M-parameter MLP, not a table of vectors: it trains with a smaller step.
 # The adapters, IA3, BitFit and MAM were picked the same way (README, "Adapters, IA3 and BitFit on the
-# embedded default").
+# embedded default"), and the LoRA variants too (README, "LoRA variants on the embedded default").
 DEFAULT_LR = {
     "lora": 1e-3,
-    "dora": 1e-3,  # LoRA's rate (DoRA's paper keeps LoRA's); not swept here
-    "loha": 1e-3,  # LoRA's rate; not swept here
-    "lokr": 1e-3,  # LoRA's rate; not swept here
-    "oft": 1e-3,  # LoRA's rate; not swept here
-    "adalora": 1e-3,  # LoRA's rate; not swept here
+    "dora": 3e-3,
+    "loha": 1e-2,
+    "lokr": 1e-2,
+    "oft": 1e-2,
+    "adalora": 3e-2,  # its E starts at 0 and the update is scaled by alpha / init_r
     "prompt": 1e-1,
     "ptuning": 1e-1,
     "prefix": 1e-1,
