@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import families as F
 from peft_interop import assert_both_ways
 from test_block_adapters import assert_merge_round_trip, randomize, run
-from unipeft import AdaLoraCallback, AdaLoraConfig, ConfigError, PeftModel, get_peft_model
+from unipeft import AdaLoraCallback, AdaLoraConfig, AdapterError, ConfigError, PeftModel, get_peft_model
 from unipeft.methods import adalora
 
 CELLS = [("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("t5", "SEQ_2_SEQ_LM"), ("llama", "CAUSAL_LM")]
@@ -144,8 +144,7 @@ def test_trainer_callback_runs_the_schedule(with_callback, tmp_path, monkeypatch
     batch = F.make_batch("gpt2", "CAUSAL_LM")
     model = get_peft_model(F.make_model("gpt2", "CAUSAL_LM"), config("CAUSAL_LM", total_step=8, tinit=1, tfinal=2))
     args = T.TrainingArguments(tmp_path, per_device_train_batch_size=2, max_steps=8, learning_rate=1e-2, report_to=[],
-                               use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                               remove_unused_columns=False)  # Trainer reads only HF PEFT's forward signature
+                               use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True)
     trainer = T.Trainer(model=model, args=args, train_dataset=_Rows(batch),
                         callbacks=[AdaLoraCallback()] if with_callback else [])
     with warnings.catch_warnings(record=True) as caught:
@@ -191,6 +190,16 @@ def test_count_is_init_r_triplets_per_layer(name, make):
     # A [r, in], E [r, 1], B [out, r]: query and value (d -> d) / c_attn (d -> 3d)
     per_layer = 2 * 12 * (d + 1 + d) if name == "bert-base" else 12 * (d + 1 + 3 * d)
     assert counted == (layers * per_layer, base + layers * per_layer)
+
+
+def test_update_and_allocate_after_zero_grad_is_refused_clearly():
+    model = get_peft_model(F.make_model("gpt2", "CAUSAL_LM"), config("CAUSAL_LM"))
+    model(**F.make_batch("gpt2", "CAUSAL_LM")).loss.backward()
+    model.zero_grad(set_to_none=True)
+    before = {n: p.clone() for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(AdapterError, match="call it after optimizer.step.. and before optimizer.zero_grad"):
+        model.base_model.update_and_allocate(5)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -1,6 +1,8 @@
 """The `unipeft` command line: argument parsing only; the work lives in `unipeft.train`.
 
     unipeft train [options]     fine-tune a classifier with an adapter (defaults: MiniLM + LoRA on tweets)
+    unipeft test --checkpoint DIR      accuracy of a saved run on its held-out split or on a file
+    unipeft infer --checkpoint DIR     labels with probabilities for texts (arguments, --file or stdin)
 
 Each subcommand is an `add_<name>_parser` function plus a handler; later ones (test, infer, bench)
 plug in the same way. Bad input prints one `unipeft <command>: error: ...` line and exits with code 2.
@@ -135,11 +137,69 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_checkpoint_options(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="the --output-dir of a `unipeft train` run")
+    p.add_argument("--model", default=None, help="base model (default: the one metrics.json names)")
+    p.add_argument("--labels", type=_names, default=None, help="label names in head order (default: from metrics.json)")
+    p.add_argument("--batch-size", type=_positive(int), default=64, help="(default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def add_test_parser(subparsers) -> None:
+    p = subparsers.add_parser("test", help="evaluate a saved adapter", description=(
+        "Accuracy of a saved run on its own held-out split (same data, columns and split seed as training) or on "
+        "every row of --data. Prints one line; writes nothing."))
+    _add_checkpoint_options(p)
+    p.add_argument("--split", choices=["test", "validation"], default="test", help="the run's split (default: %(default)s)")
+    p.add_argument("--data", default=None, help="a CSV, TSV or JSONL file to evaluate instead (all usable rows)")
+    p.add_argument("--text-column", default=None, help="text column of --data (default: text)")
+    p.add_argument("--label-column", default=None, help="label column of --data (default: label)")
+    p.set_defaults(handler=run_test)
+
+
+def add_infer_parser(subparsers) -> None:
+    p = subparsers.add_parser("infer", help="classify texts with a saved adapter", description=(
+        "Classify texts with a saved run: one JSON line per text with its label and every label's probability."))
+    _add_checkpoint_options(p)
+    p.add_argument("texts", nargs="*", help="texts to classify (default: --file, else one per line of standard input)")
+    p.add_argument("--file", default=None, help="a text file, one text per line")
+    p.set_defaults(handler=run_infer)
+
+
+def run_test(args: argparse.Namespace) -> int:
+    from .train.evaluate import test
+
+    test(args.checkpoint, args.split, args.data, args.text_column, args.label_column, args.batch_size, args.device,
+         args.model, args.labels)
+    return 0
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    import json
+
+    from .train.evaluate import infer
+
+    texts = list(args.texts)
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as fh:
+                texts += [line.rstrip("\n") for line in fh if line.strip()]
+        except OSError as exc:
+            raise UsageError(f"cannot read --file {args.file}: {exc.strerror}") from None
+    elif not texts and not sys.stdin.isatty():
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for row in infer(args.checkpoint, texts, args.batch_size, args.device, args.model, args.labels):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unipeft", description="Parameter-efficient fine-tuning, drop-in for HF PEFT.")
     parser.add_argument("--version", action="version", version=f"unipeft {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_train_parser(subparsers)
+    add_test_parser(subparsers)
+    add_infer_parser(subparsers)
     return parser
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from contextlib import contextmanager
 from typing import Any
@@ -160,6 +161,15 @@ class PeftModel(nn.Module):
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
         with self._routing(adapter_names, args, kwargs):
             return self.base_model(*args, **kwargs)
+
+    # What forward passes on, named for tools that read the signature: transformers.Trainer keeps only the
+    # dataset columns a model's forward names (it looks through HF PEFT's models, not through ours).
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in (
+            "input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds", "labels",
+            "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds", "pixel_values", "adapter_names")]
+        + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
         with self._routing(adapter_names, args, kwargs), self._pinned_prompts(args, kwargs):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..engine.layers import AdapterLayer, is_conv1d, logical_name
+from ..engine.layers import AdapterError, AdapterLayer, is_conv1d, logical_name
 from ..registry import MethodSpec, PeftType, register_method
 from .lora import LoraConfig
 
@@ -135,6 +135,9 @@ class RankAllocator:
     @torch.no_grad()
     def update(self, layers: dict[str, SVDLinear]) -> None:
         b1, b2 = self.config.beta1, self.config.beta2
+        if all(layer.lora_E[self.name].grad is None for layer in layers.values()):
+            raise AdapterError(f"update_and_allocate found no gradients on AdaLoRA adapter {self.name!r}: it scores "
+                               f"ranks by them, so call it after optimizer.step() and before optimizer.zero_grad()")
         for layer in layers.values():
             for p in (layer.lora_A[self.name], layer.lora_E[self.name], layer.lora_B[self.name]):
                 sensitivity = (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
@@ -181,7 +184,6 @@ def _allocator(adapter_model, name: str) -> RankAllocator:
 def update_and_allocate(adapter_model, name: str, step: int) -> None:
     """After optimizer step `step` (0-based): update the importance scores, then mask to the step's budget."""
     config, allocator, layers = adapter_model.peft_config[name], _allocator(adapter_model, name), _layers(adapter_model, name)
-    allocator.steps_run += 1
     last_reallocation = config.total_step - config.tfinal
     if step < last_reallocation:
         allocator.update(layers)
@@ -195,6 +197,7 @@ def update_and_allocate(adapter_model, name: str, step: int) -> None:
         for module, layer in layers.items():
             kept = config.rank_pattern[f"{module}.lora_E"]
             layer.keep(name, torch.tensor(kept, device=layer.lora_E[name].device))
+    allocator.steps_run += 1
 
 
 def orthogonal_penalty(adapter_model, name: str) -> torch.Tensor | float:
