@@ -200,7 +200,7 @@ def _fails(capsys, argv, *needles, out=None):
 def test_unknown_method_lists_known_ones(tmp_path, tiny_model, tiny_csv, capsys):
     out = tmp_path / "out"
     _fails(capsys, ["train", "--method", "dora-xl", "--model", tiny_model, "--data", tiny_csv, "--output-dir", str(out)],
-           "unknown method 'dora-xl'", "known methods: adalora, bitfit, dora, houlsby, ia3, idpg, loha, lokr, lora, mam, oft", out=out)
+           "unknown method 'dora-xl'", "known methods: adalora, bitfit, dora, full, houlsby, ia3, idpg, loha, lokr, lora, mam, oft", out=out)
 
 
 def test_missing_column_lists_columns_found(tmp_path, tiny_model, tiny_csv, capsys):
@@ -246,7 +246,7 @@ def test_console_script_exits_2_with_message(tmp_path):
     proc = subprocess.run([script, "train", "--method", "nope"], capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("unipeft train: error: unknown method 'nope'; known methods: adalora, bitfit, dora, "
-                                   "houlsby, ia3, idpg, loha, lokr, lora, mam, oft, parallel, pfeiffer, pg, prefix, prompt, "
+                                   "full, houlsby, ia3, idpg, loha, lokr, lora, mam, oft, parallel, pfeiffer, pg, prefix, prompt, "
                                    "ptuning, scaled_parallel, unified")
     assert proc.stdout == ""
 

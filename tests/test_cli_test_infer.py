@@ -79,7 +79,7 @@ def test_infer_prints_peft_s_probabilities_for_arguments_files_and_stdin(trained
 def test_bad_input_is_one_clear_line_and_writes_nothing(trained_run, tmp_path, capsys):
     before = sorted(os.listdir(trained_run))
     checkpoint = ["--checkpoint", str(trained_run)]
-    _fails(capsys, ["test", "--checkpoint", str(tmp_path)], "is not an adapter folder (no adapter_config.json)")
+    _fails(capsys, ["test", "--checkpoint", str(tmp_path)], "is not an adapter folder or a saved model (no adapter_config.json or config.json)")
     unknown = write_csv(tmp_path / "unknown.csv", [("w1 great", "positive"), ("w2 meh", "ecstatic")])
     _fails(capsys, ["test", *checkpoint, "--data", str(unknown)], "labels the checkpoint's head does not know: ['ecstatic']")
     _fails(capsys, ["test", *checkpoint, "--data", str(unknown), "--text-column", "review"],
@@ -87,3 +87,30 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(trained_run, tmp_path, c
     _fails(capsys, ["test", *checkpoint, "--data", str(tmp_path / "missing.csv")], "does not exist")
     _fails(capsys, ["infer", *checkpoint, "--file", str(tmp_path / "missing.txt")], "cannot read --file")
     assert sorted(os.listdir(trained_run)) == before
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model, tiny_csv):  # noqa: F811
+    out = tmp_path_factory.mktemp("full") / "model"
+    assert main(["train", "--method", "full", "--model", tiny_model, "--data", tiny_csv, "--output-dir", str(out),
+                 "--epochs", "2", "--batch-size", "16", "--max-length", "16", "--lr", "1e-3", "--no-progress"]) == 0
+    return out
+
+
+def test_full_fine_tuning_trains_every_weight_and_saves_the_model(full_run, tiny_model, capsys):  # noqa: F811
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    assert not (full_run / "adapter_config.json").exists() and (full_run / "config.json").exists()
+    base = T.AutoModel.from_pretrained(tiny_model).state_dict()
+    tuned = T.AutoModelForSequenceClassification.from_pretrained(full_run)
+    changed = {n for n, p in tuned.bert.state_dict().items() if n in base and p.is_floating_point() and not torch.equal(p, base[n])}
+    assert {"encoder.layer.0.attention.self.query.weight", "embeddings.word_embeddings.weight"} <= changed
+    assert metrics["trainable_params"] == metrics["total_params"] == sum(p.numel() for p in tuned.parameters())
+    assert main(["test", "--checkpoint", str(full_run)]) == 0
+    assert f"accuracy {metrics['test_accuracy']:.4f} over {metrics['num_test']} examples" in capsys.readouterr().out
+    texts = ["w1 great w2", "w3 awful w4"]
+    tokenizer = T.AutoTokenizer.from_pretrained(full_run)
+    with torch.no_grad():
+        expected = tuned.eval()(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+    assert main(["infer", "--checkpoint", str(full_run), *texts]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    torch.testing.assert_close(torch.tensor([list(r["probabilities"].values()) for r in rows]), expected, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from .run import TrainOptions
 
 
+def _full(options: "TrainOptions") -> None:
+    return None  # no adapter: every weight of the model trains, and the whole model is saved
+
+
 def _lora(options: "TrainOptions") -> "PeftConfig":
     from ..methods.lora import LoraConfig
 
@@ -145,7 +149,8 @@ def _unified(options: "TrainOptions") -> "PeftConfig":
     return UnifiedConfig(**axes)
 
 
-METHODS: dict[str, Callable[["TrainOptions"], "PeftConfig"]] = {
+METHODS: dict[str, Callable[["TrainOptions"], "PeftConfig | None"]] = {
+    "full": _full,  # the baseline
     "lora": _lora,
     "dora": _dora,
     "loha": _loha,
@@ -176,6 +181,7 @@ IDPG_METHODS = frozenset({"idpg", "pg"})  # they read --sentence-encoder
 # The adapters, IA3, BitFit and MAM were picked the same way (README, "Adapters, IA3 and BitFit on the
 # embedded default"), and the LoRA variants too (README, "LoRA variants on the embedded default").
 DEFAULT_LR = {
+    "full": 5e-5,  # BERT's fine-tuning range (2e-5 to 5e-5), the top end for the short default run; not swept
     "lora": 1e-3,
     "dora": 3e-3,
     "loha": 1e-2,
@@ -222,8 +228,8 @@ def check_method(name: str) -> str:
     return key
 
 
-def method_config(options: "TrainOptions") -> "PeftConfig":
-    """The adapter config for the run; a bad knob (e.g. r=0) becomes a UsageError naming it."""
+def method_config(options: "TrainOptions") -> "PeftConfig | None":
+    """The adapter config for the run (None for full fine-tuning); a bad knob (e.g. r=0) becomes a UsageError."""
     from ..config import ConfigError
 
     builder = METHODS[check_method(options.method)]

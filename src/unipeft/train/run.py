@@ -200,12 +200,18 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     train_loader = make_loader(dataset.train, tokenizer, options.batch_size, options.max_length,
                                shuffle=True, seed=options.seed)
     options = dataclasses.replace(options, total_steps=options.epochs * len(train_loader))
-    peft_model = _attach_adapter(model, method_config(options)).to(device)
-    trainable, total = peft_model.get_nb_trainable_parameters()
+    config = method_config(options)
     log(f"model: {model_name} ({type(model).__name__}) on {device}")
-    attached = peft_model.active_peft_config  # the family's default targets and the task head filled in
-    log(f"method: {method} ({_describe(attached)}; trained and saved head: "
-        f"{', '.join(attached.modules_to_save or []) or 'none'})")
+    if config is None:  # full fine-tuning, the baseline: the model itself trains and is saved whole
+        peft_model = model.requires_grad_(True).to(device)
+        trainable = total = sum(p.numel() for p in model.parameters())
+        log(f"method: {method} (every weight trains; the whole model and its tokenizer are saved)")
+    else:
+        peft_model = _attach_adapter(model, config).to(device)
+        trainable, total = peft_model.get_nb_trainable_parameters()
+        attached = peft_model.active_peft_config  # the family's default targets and the task head filled in
+        log(f"method: {method} ({_describe(attached)}; trained and saved head: "
+            f"{', '.join(attached.modules_to_save or []) or 'none'})")
     log(f"trainable params: {trainable:,d} of {total:,d} ({100 * trainable / total:.4f}%)")
 
     val_loader = make_loader(dataset.validation, tokenizer, options.batch_size, options.max_length)
@@ -232,6 +238,8 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
         f"{majority_accuracy:.4f})")
 
     peft_model.save_pretrained(output_dir)
+    if config is None:
+        tokenizer.save_pretrained(output_dir)
     metrics = {
         "method": method,
         "model": model_name,
