@@ -266,6 +266,6 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     from ..engine.checkpoint import atomic_write_text
 
     atomic_write_text(os.path.join(output_dir, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
-    log(f"saved adapter and {METRICS_FILE} to {output_dir} ({metrics['total_seconds']:.0f} s in all, "
+    log(f"saved {'model' if config is None else 'adapter'} and {METRICS_FILE} to {output_dir} ({metrics['total_seconds']:.0f} s in all, "
         f"{train_seconds:.0f} s training)")
     return metrics
