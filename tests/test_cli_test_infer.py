@@ -86,6 +86,13 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(trained_run, tmp_path, c
            "no text column 'review'", "columns found: ['text', 'label']")
     _fails(capsys, ["test", *checkpoint, "--data", str(tmp_path / "missing.csv")], "does not exist")
     _fails(capsys, ["infer", *checkpoint, "--file", str(tmp_path / "missing.txt")], "cannot read --file")
+    elsewhere = tmp_path / "no-metrics"  # an adapter without the run's record: its data is not known
+    elsewhere.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (elsewhere / name).write_bytes((trained_run / name).read_bytes())
+    labels = ",".join(json.loads((trained_run / "metrics.json").read_text())["labels"])
+    _fails(capsys, ["test", "--checkpoint", str(elsewhere), "--labels", labels], "has no metrics.json", "pass --data FILE")
+    _fails(capsys, ["test", "--checkpoint", str(elsewhere)], "pass --labels")
     assert sorted(os.listdir(trained_run)) == before
 
 

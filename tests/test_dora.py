@@ -9,7 +9,7 @@ import transformers as T
 
 import families as F
 from test_block_adapters import assert_merge_round_trip, randomize, run
-from unipeft import LoraConfig, PeftModel, TargetError, get_peft_model
+from unipeft import ConfigError, LoraConfig, PeftModel, TargetError, get_peft_model
 from unipeft.methods.dora import row_norms
 
 CELLS = [("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS"), ("t5", "SEQ_2_SEQ_LM"), ("llama", "CAUSAL_LM")]
@@ -86,3 +86,11 @@ def test_dora_on_an_embedding_is_refused_before_the_model_changes():
     with pytest.raises(TargetError, match="use_dora=True works on Linear and Conv1D layers, not on a Embedding"):
         get_peft_model(model, LoraConfig(target_modules=["wte", "c_attn"], use_dora=True))
     assert {n: type(m) for n, m in model.named_modules()} == before
+
+
+def test_add_weighted_adapter_refuses_dora_and_adds_nothing():
+    model = get_peft_model(F.make_model("llama", "CAUSAL_LM"), config("CAUSAL_LM"))
+    model.add_adapter("other", config("CAUSAL_LM"))
+    with pytest.raises(ConfigError, match="plain LoRA adapters .*not DoRA"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="cat")
+    assert sorted(model.peft_config) == ["default", "other"]

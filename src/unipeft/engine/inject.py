@@ -86,7 +86,7 @@ class AdapterModel(nn.Module):
     def update_and_allocate(self, global_step: int) -> None:
         """Run the per-step work of the training adapters' methods (AdaLoRA's rank allocation; nothing for
         the others). Call it after each `optimizer.step()`, before `zero_grad()`, with the 0-based step;
-        `unipeft train` and `unipeft.AdapterStepCallback` (for transformers.Trainer) do."""
+        `unipeft train` and `unipeft.AdaLoraCallback` (for transformers.Trainer) do."""
         for name, spec in self._training_specs("after_optimizer_step"):
             spec.after_optimizer_step(self, name, global_step)
 

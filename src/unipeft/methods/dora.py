@@ -32,6 +32,7 @@ def row_norms(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) 
 
 class DoraLinear(LoraLinear):
     delta_depends_on_weight = True  # the norms read W
+
     @classmethod
     def make_parts(cls, base_layer, config: LoraConfig, module_name: str):
         parts, hparams = super().make_parts(base_layer, config, module_name)

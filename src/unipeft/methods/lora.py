@@ -275,8 +275,9 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
     if len(weights) != len(adapters):
         raise ConfigError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
     configs = [tuner.peft_config[a] for a in adapters]
-    if not all(type(c) is LoraConfig for c in configs) or any(c.rank_pattern for c in configs):
-        raise ConfigError("add_weighted_adapter combines LoRA adapters without rank_pattern only")
+    if not all(type(c) is LoraConfig and not c.use_dora for c in configs) or any(c.rank_pattern for c in configs):
+        raise ConfigError("add_weighted_adapter combines plain LoRA adapters without rank_pattern only "
+                          "(not DoRA, AdaLoRA or other methods: their weights do not add up factor by factor)")
     ranks = [c.r for c in configs]
     if combination_type == "linear":
         if len(set(ranks)) != 1:

@@ -15,6 +15,8 @@ def examples_to_test(run: SavedRun, split: str, data: str | None, text_column: s
                      label_column: str | None) -> tuple[list[data_mod.Example], str]:
     """The run's own held-out split (same file, columns and split seed), or every usable row of `data`."""
     if data is None:
+        if not run.options:
+            raise UsageError(f"{run.folder} has no metrics.json recording the data it was trained on; pass --data FILE")
         o = run.options
         dataset = data_mod.load_dataset(o.get("data"), o.get("text_column"), o.get("label_column"), o.get("split_seed", 0),
                                         o.get("max_train_samples"), o.get("max_eval_samples"))
@@ -38,11 +40,11 @@ def test(checkpoint: str, split: str = "test", data: str | None = None, text_col
          label_column: str | None = None, batch_size: int = 64, device: str | None = None, model: str | None = None,
          labels: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
     from .loop import accuracy, make_loader, predict
-    from .run import _device
+    from .run import resolve_device
 
     run = read_run(checkpoint, model, labels)
     examples, source = examples_to_test(run, split, data, text_column, label_column)
-    device = _device(device)
+    device = resolve_device(device)
     peft_model, tokenizer = load_adapted(run, device)
     loader = make_loader(examples, tokenizer, batch_size, run.options.get("max_length", DEFAULT_MAX_LENGTH))
     result = {"checkpoint": run.folder, "data": source, "num_examples": len(examples),
@@ -57,12 +59,12 @@ def infer(checkpoint: str, texts: list[str], batch_size: int = 64, device: str |
     import torch
 
     from .loop import to_device
-    from .run import _device
+    from .run import resolve_device
 
     if not texts:
         raise UsageError("no texts to classify: give them as arguments, with --file, or on standard input")
     run = read_run(checkpoint, model, labels)
-    device = _device(device)
+    device = resolve_device(device)
     peft_model, tokenizer = load_adapted(run, device)
     max_length = run.options.get("max_length", DEFAULT_MAX_LENGTH)
     out = []

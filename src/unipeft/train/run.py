@@ -78,7 +78,7 @@ def _check_numbers(options: TrainOptions) -> None:
             raise UsageError(f"{name} must be at least 1 (or None for all), got {value}")
 
 
-def _device(requested: str | None):
+def resolve_device(requested: str | None):
     import torch
 
     if requested is None:
@@ -188,7 +188,7 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     from .loop import accuracy, make_loader, make_optimizer, make_scheduler, predict, train_epoch
     from .model import check_max_length, load_model, resolve_model
 
-    device = _device(options.device)
+    device = resolve_device(options.device)
     model_name = resolve_model(options.model)
     torch.manual_seed(options.seed)  # the new head and the adapter start from seeded random values
     model, tokenizer = load_model(model_name, dataset.labels)
