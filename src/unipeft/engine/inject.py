@@ -90,6 +90,16 @@ class AdapterModel(nn.Module):
         for name, spec in self._training_specs("after_optimizer_step"):
             spec.after_optimizer_step(self, name, global_step)
 
+    def step_state_dict(self) -> dict[str, dict]:
+        """What the training adapters' per-step work keeps between steps (AdaLoRA's importance scores), by
+        adapter name: saved with a training checkpoint so a resumed run continues exactly."""
+        return {name: spec.step_state(self, name) for name, spec in self._training_specs("step_state")}
+
+    def load_step_state_dict(self, states: dict[str, dict]) -> None:
+        for name, spec in self._training_specs("load_step_state"):
+            if name in states:
+                spec.load_step_state(self, name, states[name])
+
     def _training_specs(self, hook: str):
         for name in self.adapter_state.active:
             spec = get_method(self.peft_config[name].peft_type)

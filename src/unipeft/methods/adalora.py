@@ -28,6 +28,9 @@ from .lora import LoraConfig
 UNSCHEDULED_STEPS_WARNING = 100  # training forwards without update_and_allocate before we warn
 
 
+PARTS = ("lora_A", "lora_E", "lora_B")  # the triplet of each rank: a row of A, an entry of E, a column of B
+
+
 @dataclass
 class AdaLoraConfig(LoraConfig):
     peft_type: Optional[Union[str, PeftType]] = PeftType.ADALORA
@@ -139,7 +142,7 @@ class RankAllocator:
             raise AdapterError(f"update_and_allocate found no gradients on AdaLoRA adapter {self.name!r}: it scores "
                                f"ranks by them, so call it after optimizer.step() and before optimizer.zero_grad()")
         for layer in layers.values():
-            for p in (layer.lora_A[self.name], layer.lora_E[self.name], layer.lora_B[self.name]):
+            for p in (getattr(layer, part)[self.name] for part in PARTS):
                 sensitivity = (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
                 avg = self.importance.get(id(p), torch.zeros_like(p)) * b1 + (1 - b1) * sensitivity
                 self.importance[id(p)] = avg
@@ -167,6 +170,35 @@ class RankAllocator:
             layer.keep(name, kept)
             pattern[f"{module}.lora_E"] = kept.tolist()
         return pattern
+
+
+def step_state(adapter_model, name: str) -> dict:
+    """The allocator's averages by "<module>.<part>", its step count and the rank pattern, for a checkpoint."""
+    allocator, config = _allocator(adapter_model, name), adapter_model.peft_config[name]
+    averages = {"importance": allocator.importance, "uncertainty": allocator.uncertainty}
+    state = {"steps_run": allocator.steps_run, "rank_pattern": config.rank_pattern}
+    for module, layer in _layers(adapter_model, name).items():
+        for part in PARTS:
+            p = getattr(layer, part)[name]
+            for kind, values in averages.items():
+                if id(p) in values:
+                    state[f"{kind}.{module}.{part}"] = values[id(p)].detach().cpu()
+    return state
+
+
+def load_step_state(adapter_model, name: str, state: dict) -> None:
+    allocator, config = _allocator(adapter_model, name), adapter_model.peft_config[name]
+    allocator.reset()
+    allocator.steps_run, config.rank_pattern = state["steps_run"], state["rank_pattern"]
+    for module, layer in _layers(adapter_model, name).items():
+        if config.rank_pattern:
+            layer.keep(name, torch.tensor(config.rank_pattern[f"{module}.lora_E"], device=layer.lora_E[name].device))
+        for part in PARTS:
+            p = getattr(layer, part)[name]
+            for kind, values in (("importance", allocator.importance), ("uncertainty", allocator.uncertainty)):
+                key = f"{kind}.{module}.{part}"
+                if key in state:
+                    values[id(p)] = state[key].to(p.device)
 
 
 def _layers(adapter_model, name: str) -> dict[str, SVDLinear]:
@@ -227,4 +259,5 @@ def adalora_layer_for(module: nn.Module, config: AdaLoraConfig):
 
 
 register_method(MethodSpec("ADALORA", AdaLoraConfig, adalora_layer_for, "lora_", "adalora",
-                           loss_term=orthogonal_penalty, after_optimizer_step=update_and_allocate))
+                           loss_term=orthogonal_penalty, after_optimizer_step=update_and_allocate,
+                           step_state=step_state, load_step_state=load_step_state))

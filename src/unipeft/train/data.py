@@ -30,7 +30,9 @@ TEST_FRACTION = 0.1
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: int  # index into Dataset.labels
+    label: int | float | None = None  # index into Dataset.labels; a value for regression; None for generation
+    text_pair: str | None = None  # the second sentence of pair tasks (MRPC, RTE, MNLI, ...)
+    target: str | None = None  # the reference output of generation tasks (summary, translation, reply)
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Dataset:
     labels: list[str]  # label names; an Example's label indexes this list
     source: str
     notes: list[str] = field(default_factory=list)  # what was dropped or repaired, for the user to see
+    extra: dict[str, list[Example]] = field(default_factory=dict)  # named additional evaluation splits
 
 
 def corpus_path() -> str:

@@ -16,24 +16,28 @@ from .data import Example
 
 
 class Collator:
-    """Tokenises a list of Examples into one padded batch (padding to the longest row, not max_length)."""
+    """Tokenises a list of Examples (single texts or sentence pairs) into one padded batch (padding to the
+    longest row, not max_length), with class ids, or float values for regression, as labels."""
 
-    def __init__(self, tokenizer, max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
+    def __init__(self, tokenizer, max_length: int, regression: bool = False) -> None:
+        self.tokenizer, self.max_length, self.regression = tokenizer, max_length, regression
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer([e.text for e in examples], padding=True, truncation=True,
+        pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
+        batch = self.tokenizer([e.text for e in examples], pairs, padding=True, truncation=True,
                                max_length=self.max_length, return_tensors="pt")
         batch = dict(batch)
-        batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+        if all(e.label is not None for e in examples):
+            batch["labels"] = torch.tensor([e.label for e in examples],
+                                           dtype=torch.float if self.regression else torch.long)
         return batch
 
 
 def make_loader(examples: Sequence[Example], tokenizer, batch_size: int, max_length: int,
-                shuffle: bool = False, seed: int = 0) -> DataLoader:
+                shuffle: bool = False, seed: int = 0, regression: bool = False) -> DataLoader:
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(list(examples), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=Collator(tokenizer, max_length))
+                      collate_fn=Collator(tokenizer, max_length, regression))
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -27,35 +27,35 @@ def _lora(options: "TrainOptions") -> "PeftConfig":
     from ..methods.lora import LoraConfig
 
     # target_modules=None takes the model family's default (query and value for BERT-style models);
-    # the classification head is trained and saved with the adapter (task_type SEQ_CLS).
-    return LoraConfig(task_type="SEQ_CLS", r=options.r, lora_alpha=options.alpha,
+    # for classification the head is trained and saved with the adapter (task_type SEQ_CLS).
+    return LoraConfig(task_type=options.task_type, r=options.r, lora_alpha=options.alpha,
                       lora_dropout=options.dropout, target_modules=options.target_modules)
 
 
 def _dora(options: "TrainOptions") -> "PeftConfig":
     from ..methods.lora import LoraConfig
 
-    return LoraConfig(task_type="SEQ_CLS", r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+    return LoraConfig(task_type=options.task_type, r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
                       target_modules=options.target_modules, use_dora=True)
 
 
 def _loha(options: "TrainOptions") -> "PeftConfig":
     from ..methods.loha import LoHaConfig
 
-    return LoHaConfig(task_type="SEQ_CLS", r=options.r, alpha=options.alpha, target_modules=options.target_modules)
+    return LoHaConfig(task_type=options.task_type, r=options.r, alpha=options.alpha, target_modules=options.target_modules)
 
 
 def _lokr(options: "TrainOptions") -> "PeftConfig":
     from ..methods.lokr import LoKrConfig
 
-    return LoKrConfig(task_type="SEQ_CLS", r=options.r, alpha=options.alpha, target_modules=options.target_modules)
+    return LoKrConfig(task_type=options.task_type, r=options.r, alpha=options.alpha, target_modules=options.target_modules)
 
 
 def _oft(options: "TrainOptions") -> "PeftConfig":
     from ..methods.oft import OFTConfig
 
     # HF PEFT's default: blocks of 32 (MiniLM's 384 features make 12 rotations per layer); --r is not read
-    return OFTConfig(task_type="SEQ_CLS", r=0, oft_block_size=32, target_modules=options.target_modules)
+    return OFTConfig(task_type=options.task_type, r=0, oft_block_size=32, target_modules=options.target_modules)
 
 
 def _adalora(options: "TrainOptions") -> "PeftConfig":
@@ -64,7 +64,7 @@ def _adalora(options: "TrainOptions") -> "PeftConfig":
     # --r is the final average rank; training starts from 1.5× as many triplets (the paper's 12 -> 8),
     # keeps them for the first 10% of steps and fine-tunes the final ranks for the last 20%
     steps = options.total_steps
-    return AdaLoraConfig(task_type="SEQ_CLS", target_r=options.r, init_r=math.ceil(1.5 * options.r),
+    return AdaLoraConfig(task_type=options.task_type, target_r=options.r, init_r=math.ceil(1.5 * options.r),
                          lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=options.target_modules,
                          total_step=steps, tinit=steps // 10, tfinal=steps // 5)
 
@@ -72,19 +72,19 @@ def _adalora(options: "TrainOptions") -> "PeftConfig":
 def _prompt(options: "TrainOptions") -> "PeftConfig":
     from ..methods.prompt import PromptTuningConfig
 
-    return PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=options.num_virtual_tokens)
+    return PromptTuningConfig(task_type=options.task_type, num_virtual_tokens=options.num_virtual_tokens)
 
 
 def _ptuning(options: "TrainOptions") -> "PeftConfig":
     from ..methods.prompt import PromptEncoderConfig
 
-    return PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=options.num_virtual_tokens)
+    return PromptEncoderConfig(task_type=options.task_type, num_virtual_tokens=options.num_virtual_tokens)
 
 
 def _prefix(options: "TrainOptions") -> "PeftConfig":
     from ..methods.prefix import PrefixTuningConfig
 
-    return PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=options.num_virtual_tokens)
+    return PrefixTuningConfig(task_type=options.task_type, num_virtual_tokens=options.num_virtual_tokens)
 
 
 def _idpg(options: "TrainOptions", learn_encoder_prompt: bool = False) -> "PeftConfig":
@@ -93,7 +93,7 @@ def _idpg(options: "TrainOptions", learn_encoder_prompt: bool = False) -> "PeftC
     # The generator keeps its own defaults (hidden size 384, dropout 0.1); the sentence encoder is the base
     # model itself unless --sentence-encoder names a model that shares its tokenizer.
     encoder = os.path.expanduser(options.sentence_encoder) if options.sentence_encoder else SELF
-    return IDPGConfig(task_type="SEQ_CLS", num_virtual_tokens=options.num_virtual_tokens, sentence_encoder=encoder,
+    return IDPGConfig(task_type=options.task_type, num_virtual_tokens=options.num_virtual_tokens, sentence_encoder=encoder,
                       learn_encoder_prompt=learn_encoder_prompt)
 
 
@@ -107,7 +107,7 @@ def _bottleneck(preset: str) -> Callable[["TrainOptions"], "PeftConfig"]:
         from ..methods import bottleneck
 
         size = {"bottleneck_size": options.bottleneck_size} if options.bottleneck_size else {}
-        return getattr(bottleneck, preset)(task_type="SEQ_CLS", adapter_dropout=options.dropout, **size)
+        return getattr(bottleneck, preset)(task_type=options.task_type, adapter_dropout=options.dropout, **size)
     return build
 
 
@@ -115,19 +115,19 @@ def _mam(options: "TrainOptions") -> "PeftConfig":
     from ..methods.unified import MAMConfig
 
     # The GLUE-size variant (prefix l = 16, adapter r = 64) suits a 22M-parameter classifier; flags override it.
-    return MAMConfig.for_glue(task_type="SEQ_CLS", **(options.axes or {}))
+    return MAMConfig.for_glue(task_type=options.task_type, **(options.axes or {}))
 
 
 def _ia3(options: "TrainOptions") -> "PeftConfig":
     from ..methods.ia3 import IA3Config
 
-    return IA3Config(task_type="SEQ_CLS", target_modules=options.target_modules)
+    return IA3Config(task_type=options.task_type, target_modules=options.target_modules)
 
 
 def _bitfit(options: "TrainOptions") -> "PeftConfig":
     from ..methods.bitfit import BitFitConfig
 
-    return BitFitConfig(task_type="SEQ_CLS")
+    return BitFitConfig(task_type=options.task_type)
 
 
 def _unified(options: "TrainOptions") -> "PeftConfig":
@@ -135,16 +135,12 @@ def _unified(options: "TrainOptions") -> "PeftConfig":
 
     axes = {}
     if options.unified_config:
-        try:
-            with open(os.path.expanduser(options.unified_config), encoding="utf-8") as fh:
-                axes = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"cannot read --unified-config {options.unified_config}: {exc}") from None
+        axes = read_json_object(options.unified_config, "--unified-config")
         unknown = sorted(set(axes) - set(AXES) - {"task_type", "peft_type", "layers_to_transform"})
-        if not isinstance(axes, dict) or unknown:
+        if unknown:
             raise UsageError(f"--unified-config {options.unified_config} must hold a JSON object of design-space axes "
                              f"({', '.join(AXES)}); unknown keys: {unknown}")
-    axes = {**axes, **(options.axes or {}), "task_type": "SEQ_CLS"}
+    axes = {**axes, **(options.axes or {}), "task_type": options.task_type}
     axes.pop("peft_type", None)
     return UnifiedConfig(**axes)
 
@@ -228,12 +224,44 @@ def check_method(name: str) -> str:
     return key
 
 
+def read_json_object(path: str, flag: str) -> dict:
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read {flag} {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{flag} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _with_overrides(config: "PeftConfig", path: str) -> "PeftConfig":
+    """The builder's config with the fields of a --method-config JSON object (HF PEFT field names) set over it."""
+    import dataclasses
+
+    data = read_json_object(path, "--method-config")
+    fields = {f.name for f in dataclasses.fields(config) if f.init}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise UsageError(f"--method-config {path}: {type(config).__name__} has no field(s) {unknown}; "
+                         f"its fields: {', '.join(sorted(fields - {'peft_type'}))}")
+    if str(data.pop("peft_type", config.peft_type)) != str(config.peft_type):
+        raise UsageError(f"--method-config {path} is for another method: its peft_type is not {config.peft_type}")
+    return dataclasses.replace(config, **data)
+
+
 def method_config(options: "TrainOptions") -> "PeftConfig | None":
-    """The adapter config for the run (None for full fine-tuning); a bad knob (e.g. r=0) becomes a UsageError."""
+    """The adapter config for the run (None for full fine-tuning), with --method-config's fields over it;
+    a bad knob (e.g. r=0) becomes a UsageError."""
     from ..config import ConfigError
 
     builder = METHODS[check_method(options.method)]
     try:
-        return builder(options)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+        config = builder(options)
+        if options.method_config:
+            if config is None:
+                raise UsageError("--method-config sets adapter fields, but --method full trains the model itself")
+            config = _with_overrides(config, options.method_config)
+        return config
+    except (ConfigError, TypeError) as exc:
+        raise UsageError(f"--method {options.method}: {exc}") from None

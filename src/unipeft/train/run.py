@@ -1,8 +1,11 @@
-"""One training run, end to end: data -> model + adapter -> loop -> adapter files and metrics.json.
+"""One training run, end to end: task data -> model + adapter -> Accelerate loop -> adapter files and reports.
 
-    runs/<timestamp>/adapter_config.json        the adapter, in Hugging Face PEFT's layout
-    runs/<timestamp>/adapter_model.safetensors  (LoRA factors + the trained classification head)
-    runs/<timestamp>/metrics.json               options, split sizes, per-epoch and test results, timing
+    runs/<timestamp>/adapter_config.json        the adapter, in Hugging Face PEFT's layout (the best evaluation's)
+    runs/<timestamp>/adapter_model.safetensors  (with the trained classification head for classification tasks)
+    runs/<timestamp>/metrics.json               options, split sizes, validation and test metrics, timing
+    runs/<timestamp>/log.jsonl                  training loss, learning rate and throughput; each evaluation
+    runs/<timestamp>/curves.png, summary.md     loss and metric vs step; a short report
+    runs/<timestamp>/checkpoint/                the trainable tensors, optimiser, schedule and RNG state (--resume)
 """
 from __future__ import annotations
 
@@ -13,29 +16,49 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from . import data as data_mod
 from .errors import UsageError
 from .methods import IDPG_METHODS, PROMPT_METHODS, check_method, default_lr, method_config
 
 METRICS_FILE = "metrics.json"
+EVAL_MODES = ("sft", "icl")
+PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
 class TrainOptions:
     method: str = "lora"
+    task: str | None = None  # a registered task (tasks.TASKS); None: the embedded tweets, or --data as a classification file
     model: str | None = None  # Hub name or local folder; None: all-MiniLM-L6-v2 from its package
-    data: str | None = None  # CSV/TSV/JSONL file; None: the embedded tweet-sentiment corpus
-    text_column: str | None = None  # None: "text"
-    label_column: str | None = None  # None: "label" for files, "sentiment" for the embedded corpus
+    data: str | None = None  # one CSV/TSV/JSONL file, split 80/10/10; None: the task's own data
+    train_file: str | None = None  # or the splits as separate files
+    validation_file: str | None = None
+    test_file: str | None = None
+    text_column: str | None = None  # None: the task's ("text" for files without --task)
+    pair_column: str | None = None  # second sentence of pair tasks
+    label_column: str | None = None  # None: the task's ("label" for files, "sentiment" for the embedded corpus)
+    target_column: str | None = None  # generation tasks' reference output
+    direction: str | None = None  # translation: en-ro or ro-en
+    eval_mode: str = "sft"  # sft: the fine-tuned model on the instance alone; icl: a causal LM with `shots` examples in its prompt
+    shots: int = 4
+    search: str = "greedy"  # generation: greedy or beam
+    num_beams: int = 4
+    max_new_tokens: int | None = None  # None: the task's default
+    max_target_length: int = 64  # tokens of a generation target in training
     epochs: int = 3
     lr: float | None = None  # None: the method's default (methods.DEFAULT_LR: 1e-3 LoRA, larger for prompt methods)
     batch_size: int = 32
+    grad_accum: int = 1
+    schedule: str = "linear"  # after warm-up: linear, cosine or constant
     max_length: int = 64
     output_dir: str | None = None  # None: runs/<timestamp>
+    resume: bool = False  # continue the run in output_dir from its checkpoint
     seed: int = 0  # head and adapter initialisation, batch order
     split_seed: int = 0  # which rows are train / validation / test
     max_train_samples: int | None = 4000  # None: all
     max_eval_samples: int | None = 2000  # for validation and for test; None: all
+    eval_every: int | None = None  # optimizer steps; None: each epoch's end
+    early_stopping: int | None = None  # evaluations without improvement before stopping; None: off
+    precision: str = "no"  # mixed precision: no, bf16 or fp16
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -45,11 +68,13 @@ class TrainOptions:
     bottleneck_size: int | None = None  # houlsby, pfeiffer, parallel, scaled_parallel; None: the preset's (64)
     unified_config: str | None = None  # unified: a JSON file of design-space axes
     axes: dict | None = None  # unified, mam: axes given as flags (--attn-mode ...), over the JSON file's
+    method_config: str | None = None  # a JSON object of the method config's fields, set over the built config
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     device: str | None = None  # None: cuda when available, else cpu
     progress: bool = True
-    total_steps: int | None = None  # not a flag: set by run() to epochs × batches (AdaLoRA's schedule length)
+    total_steps: int | None = None  # not a flag: set by run() to the optimizer steps (AdaLoRA's schedule length)
+    task_type: str = "SEQ_CLS"  # not a flag: set by run() from the model head
 
 
 def default_output_dir(root: str = "runs") -> str:
@@ -61,21 +86,45 @@ def default_output_dir(root: str = "runs") -> str:
     return path
 
 
-def _check_output_dir(path: str) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"output path {path} exists and is not a folder")
-
-
-def _check_numbers(options: TrainOptions) -> None:
-    for name in ("epochs", "batch_size", "max_length"):
+def _check_options(options: TrainOptions) -> None:
+    for name in ("epochs", "batch_size", "max_length", "grad_accum", "num_beams", "max_target_length"):
         if getattr(options, name) < 1:
             raise UsageError(f"{name} must be at least 1, got {getattr(options, name)}")
     if options.lr is not None and not options.lr > 0:
         raise UsageError(f"lr must be positive, got {options.lr}")
-    for name in ("max_train_samples", "max_eval_samples"):
+    for name in ("max_train_samples", "max_eval_samples", "eval_every", "early_stopping", "max_new_tokens"):
         value = getattr(options, name)
         if value is not None and value < 1:
-            raise UsageError(f"{name} must be at least 1 (or None for all), got {value}")
+            raise UsageError(f"{name} must be at least 1 (or None), got {value}")
+    if options.shots < 0:
+        raise UsageError(f"shots must be 0 or more, got {options.shots}")
+    for name, allowed in (("eval_mode", EVAL_MODES), ("precision", PRECISIONS), ("search", ("greedy", "beam")),
+                          ("schedule", ("linear", "cosine", "constant"))):
+        if getattr(options, name) not in allowed:
+            raise UsageError(f"unknown {name} {getattr(options, name)!r}; choose one of {', '.join(allowed)}")
+    if options.early_stopping is not None and options.eval_every is None and options.epochs < 2:
+        raise UsageError("--early-stopping needs several evaluations: more than one epoch, or --eval-every N")
+    device = resolve_device(options.device)  # an unknown or missing device fails before anything loads
+    if options.precision == "fp16" and device.type != "cuda":
+        raise UsageError(f"--fp16 needs a CUDA GPU, but this run would train on {device.type}; use --bf16, or "
+                         f"neither")
+
+
+def _check_output_dir(path: str, resume: bool) -> None:
+    """A new run never writes into an earlier run's folder; --resume needs one with a checkpoint."""
+    from .trainer import CHECKPOINT
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"output path {path} exists and is not a folder")
+    has_run = os.path.isdir(path) and any(os.path.exists(os.path.join(path, name))
+                                          for name in (METRICS_FILE, CHECKPOINT))
+    if resume and not os.path.exists(path):
+        raise UsageError(f"--resume: {path} does not exist; give the --output-dir of an interrupted run")
+    if resume and not os.path.isdir(os.path.join(path, CHECKPOINT)):
+        raise UsageError(f"--resume: {path} holds no {CHECKPOINT}/ to continue from; give the --output-dir of "
+                         f"an interrupted run")
+    if has_run and not resume:
+        raise UsageError(f"{path} already holds a run; choose another --output-dir, or pass --resume to continue it")
 
 
 def resolve_device(requested: str | None):
@@ -85,10 +134,17 @@ def resolve_device(requested: str | None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(requested)
-    except RuntimeError as exc:
-        raise UsageError(f"unknown device {requested!r}: {exc}") from None
+    except RuntimeError:
+        raise UsageError(f"unknown device {requested!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {requested!r} is not available here; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {requested!r} asked for, but CUDA is not available")
+        raise UsageError(f"device {requested!r} asked for, but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {requested!r} asked for, but there are {torch.cuda.device_count()} CUDA "
+                         f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -164,83 +220,131 @@ def _attach_adapter(model, config):
         raise UsageError(f"cannot attach the adapter: {exc}") from None
 
 
+def load_run_data(options: TrainOptions):
+    """(task, dataset): a registered task's data (its hub dataset, or local files), the embedded tweets corpus,
+    or a local classification file without --task."""
+    from . import tasks
+
+    task = tasks.task_for(options.task, options.data or options.train_file, options.direction)
+    dataset = tasks.load_task_dataset(
+        task, options.data, train_file=options.train_file, validation_file=options.validation_file,
+        test_file=options.test_file, text_column=options.text_column, pair_column=options.pair_column,
+        label_column=options.label_column, target_column=options.target_column, direction=options.direction,
+        split_seed=options.split_seed, max_train_samples=options.max_train_samples,
+        max_eval_samples=options.max_eval_samples)
+    return task, dataset
+
+
+def choose_head(task, eval_mode: str, model_name: str) -> str:
+    """The output layer a run needs: generation tasks and in-context evaluation need a language model."""
+    from .model import generation_head
+
+    if eval_mode == "icl":
+        if task.kind == "regression":
+            raise UsageError(f"--eval-mode icl scores label words; {task.name} is a regression task")
+        if task.kind == "classification" and not task.label_words:
+            what = "a file without --task" if task.name == "file" else task.name
+            raise UsageError(f"--eval-mode icl scores label words, and {what} has none; use a --task that has "
+                             f"them (e.g. sst2, with its columns in --data)")
+        return generation_head(model_name, need_decoder_only=True)
+    if task.kind == "generation":
+        return generation_head(model_name)
+    return "regressor" if task.kind == "regression" else "classifier"
+
+
+def optimizer_steps(num_examples: int, options: TrainOptions) -> int:
+    batches = -(-num_examples // options.batch_size)
+    return options.epochs * -(-batches // options.grad_accum)
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
 def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
-    """Train, evaluate and save; returns the metrics also written to metrics.json."""
+    """Train, evaluate and save; returns the metrics also written to metrics.json. Every check that can fail
+    runs before the first file is written."""
     started = time.perf_counter()
     method = check_method(options.method)
-    _check_numbers(options)
+    _check_options(options)
     output_dir = options.output_dir or default_output_dir()
-    _check_output_dir(output_dir)
+    _check_output_dir(output_dir, options.resume)
     # fails on a bad knob before anything slow happens (the run takes at least one step per epoch)
     method_config(dataclasses.replace(options, total_steps=options.epochs))
 
-    dataset = data_mod.load_dataset(options.data, options.text_column, options.label_column, options.split_seed,
-                                    options.max_train_samples, options.max_eval_samples)
-    log(f"data: {dataset.source}")
+    task, dataset = load_run_data(options)
+    log(f"task: {task.name} ({task.kind}; metrics: {', '.join(task.metrics)}); data: {dataset.source}")
     for note in dataset.notes:
         log(f"  note: {note}")
-    log(f"  labels: {', '.join(dataset.labels)}")
+    if dataset.labels:
+        log(f"  labels: {', '.join(dataset.labels)}")
     log(f"  split (seed {options.split_seed}): {len(dataset.train)} train, {len(dataset.validation)} validation, "
         f"{len(dataset.test)} test")
 
     import torch
 
-    from .loop import accuracy, make_loader, make_optimizer, make_scheduler, predict, train_epoch
-    from .model import check_max_length, load_model, resolve_model
+    from .data import majority_label
+    from .generation import pick_demos
+    from .metrics import GREATER_IS_BETTER
+    from .model import TASK_TYPES, check_max_length, load_model, resolve_model
+    from .task_runner import TaskRunner
+    from .trainer import LoopOptions, fit
 
     device = resolve_device(options.device)
     model_name = resolve_model(options.model)
+    head = choose_head(task, options.eval_mode, model_name)
     torch.manual_seed(options.seed)  # the new head and the adapter start from seeded random values
-    model, tokenizer = load_model(model_name, dataset.labels)
+    model, tokenizer = load_model(model_name, dataset.labels, head)
     check_max_length(options.max_length, tokenizer, model)
     if method in PROMPT_METHODS:
         _check_room_for_virtual_tokens(options, model)
     if method in IDPG_METHODS and options.sentence_encoder:
         _check_sentence_encoder(options, tokenizer)
-    train_loader = make_loader(dataset.train, tokenizer, options.batch_size, options.max_length,
-                               shuffle=True, seed=options.seed)
-    options = dataclasses.replace(options, total_steps=options.epochs * len(train_loader))
+    options = dataclasses.replace(options, total_steps=optimizer_steps(len(dataset.train), options),
+                                  task_type=TASK_TYPES[head])
     config = method_config(options)
     log(f"model: {model_name} ({type(model).__name__}) on {device}")
     if config is None:  # full fine-tuning, the baseline: the model itself trains and is saved whole
-        peft_model = model.requires_grad_(True).to(device)
+        peft_model = model.requires_grad_(True)
         trainable = total = sum(p.numel() for p in model.parameters())
         log(f"method: {method} (every weight trains; the whole model and its tokenizer are saved)")
     else:
-        peft_model = _attach_adapter(model, config).to(device)
+        peft_model = _attach_adapter(model, config)
         trainable, total = peft_model.get_nb_trainable_parameters()
         attached = peft_model.active_peft_config  # the family's default targets and the task head filled in
         log(f"method: {method} ({_describe(attached)}; trained and saved head: "
             f"{', '.join(attached.modules_to_save or []) or 'none'})")
     log(f"trainable params: {trainable:,d} of {total:,d} ({100 * trainable / total:.4f}%)")
 
-    val_loader = make_loader(dataset.validation, tokenizer, options.batch_size, options.max_length)
-    test_loader = make_loader(dataset.test, tokenizer, options.batch_size, options.max_length)
+    demos = pick_demos(dataset.train, options.shots, options.seed, len(dataset.labels) or None) \
+        if options.eval_mode == "icl" else None
+    runner = TaskRunner(task, head, tokenizer, options.max_length, options.max_target_length, dataset.labels, demos,
+                        options.search, options.num_beams, options.max_new_tokens, options.batch_size)
+    main_metric = task.metrics[0]
     lr = options.lr if options.lr is not None else default_lr(method)
-    optimizer = make_optimizer(peft_model, lr, options.weight_decay)
-    scheduler = make_scheduler(optimizer, options.epochs * len(train_loader), options.warmup_ratio)
-
-    epochs = []
-    train_started = time.perf_counter()
-    for epoch in range(1, options.epochs + 1):
-        loss = train_epoch(peft_model, train_loader, optimizer, scheduler, device,
-                           description=f"epoch {epoch}/{options.epochs}", progress=options.progress,
-                           first_step=(epoch - 1) * len(train_loader))
-        val_accuracy = accuracy(predict(peft_model, val_loader, device), dataset.validation)
-        epochs.append({"epoch": epoch, "train_loss": loss, "validation_accuracy": val_accuracy})
-        log(f"epoch {epoch}/{options.epochs}: train loss {loss:.4f}, validation accuracy {val_accuracy:.4f}")
-    train_seconds = time.perf_counter() - train_started
-
-    test_accuracy = accuracy(predict(peft_model, test_loader, device), dataset.test)
-    majority = data_mod.majority_label(dataset.train)
-    majority_accuracy = sum(e.label == majority for e in dataset.test) / len(dataset.test)
-    log(f"test accuracy: {test_accuracy:.4f} (majority-class baseline, always {dataset.labels[majority]!r}: "
-        f"{majority_accuracy:.4f})")
+    loop = LoopOptions(epochs=options.epochs, batch_size=options.batch_size, lr=lr, weight_decay=options.weight_decay,
+                       warmup_ratio=options.warmup_ratio, schedule=options.schedule, grad_accum=options.grad_accum,
+                       eval_every=options.eval_every, early_stopping=options.early_stopping,
+                       mixed_precision=options.precision, seed=options.seed, progress=options.progress,
+                       device=device.type)
+    result = fit(peft_model, dataset.train, runner.collate(), lambda: runner.evaluate(peft_model, dataset.validation),
+                 main_metric, GREATER_IS_BETTER[main_metric], loop, output_dir, resume=options.resume, log=log)
+    validation = result.best_metrics or runner.evaluate(peft_model, dataset.validation)
+    test = runner.evaluate(peft_model, dataset.test)
+    extra = {name: runner.evaluate(peft_model, examples) for name, examples in dataset.extra.items()}
+    log(f"validation ({'best, step ' + str(result.best_step) if result.best_metrics else 'last'}): {_format(validation)}")
+    log(f"test: {_format(test)}")
+    for name, values in extra.items():
+        log(f"{name}: {_format(values)}")
 
     peft_model.save_pretrained(output_dir)
     if config is None:
         tokenizer.save_pretrained(output_dir)
     metrics = {
+        "task": task.name,
+        "kind": task.kind,
+        "head": head,
+        "eval_mode": options.eval_mode,
         "method": method,
         "model": model_name,
         "data": dataset.source,
@@ -248,24 +352,62 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
         "num_train": len(dataset.train),
         "num_validation": len(dataset.validation),
         "num_test": len(dataset.test),
-        "epochs": epochs,
-        "validation_accuracy": epochs[-1]["validation_accuracy"],
-        "test_accuracy": test_accuracy,
-        "majority_label": dataset.labels[majority],
-        "majority_baseline": majority_accuracy,
+        "main_metric": main_metric,
+        "validation": validation,
+        "test": test,
+        **{f"test_{name}": values for name, values in extra.items()},
+        "epochs": _epoch_records(result.history),
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
         "lr": lr,
-        "steps": options.total_steps,
+        "steps": result.steps,
         "device": str(device),
-        "train_seconds": train_seconds,
+        "train_seconds": result.train_seconds,
+        "examples_per_second": result.examples_per_second,
+        "peak_memory_mb": result.peak_memory_mb,
         "total_seconds": time.perf_counter() - started,
         "options": dataclasses.asdict(options) | {"output_dir": output_dir},
     }
+    if task.kind == "classification":
+        majority = majority_label(dataset.train)
+        metrics |= {"validation_accuracy": validation.get("accuracy"), "test_accuracy": test.get("accuracy"),
+                    "majority_label": dataset.labels[majority],
+                    "majority_baseline": sum(e.label == majority for e in dataset.test) / len(dataset.test)}
+        log(f"majority-class baseline (always {dataset.labels[majority]!r}): test accuracy "
+            f"{metrics['majority_baseline']:.4f}")
+    _write_reports(metrics, result.history, output_dir)
+    log(f"saved {'model' if config is None else 'adapter'}, {METRICS_FILE}, summary.md and curves.png to {output_dir} "
+        f"({metrics['total_seconds']:.0f} s in all, {result.train_seconds:.0f} s training)")
+    return metrics
+
+
+def _epoch_records(history: list[dict]) -> list[dict]:
+    """Per whole epoch: the mean training loss (the log's records weighted by the steps they cover) and the
+    evaluation made at the epoch's end, when there was one."""
+    import math
+
+    epochs: dict[int, dict] = {}
+    last_step = 0
+    for record in history:
+        epoch = max(1, math.ceil(record["epoch"] - 1e-9))
+        entry = epochs.setdefault(epoch, {"epoch": epoch, "loss_sum": 0.0, "steps": 0})
+        if "loss" in record:
+            entry["loss_sum"] += record["loss"] * (record["step"] - last_step)
+            entry["steps"] += record["step"] - last_step
+            last_step = record["step"]
+        elif abs(record["epoch"] - epoch) < 1e-9:  # an evaluation at the epoch's end
+            entry.update({f"validation_{k}": v for k, v in record["eval"].items()})
+    return [{"epoch": e["epoch"], "train_loss": e.pop("loss_sum") / max(1, e.pop("steps")), **e}
+            for e in (epochs[k] for k in sorted(epochs))]
+
+
+def _write_reports(metrics: dict, history: list[dict], output_dir: str) -> None:
     from ..engine.checkpoint import atomic_write_text
+    from .report import write_curves, write_summary
 
     atomic_write_text(os.path.join(output_dir, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")
-    log(f"saved {'model' if config is None else 'adapter'} and {METRICS_FILE} to {output_dir} ({metrics['total_seconds']:.0f} s in all, "
-        f"{train_seconds:.0f} s training)")
-    return metrics
+    write_summary(metrics, os.path.join(output_dir, "summary.md"))
+    write_curves(history, os.path.join(output_dir, "curves.png"), metrics["main_metric"])

@@ -1,9 +1,10 @@
 """A run folder of `unipeft train` (adapter files, or the whole model for `--method full`, + metrics.json), loaded
 back for `unipeft test` and `unipeft infer`.
 
-metrics.json names the base model, the label names in head order and the data options, so a test on the
-run's own split sees exactly the rows the run held out. A folder without metrics.json (an adapter from
-elsewhere) needs `--model` (or the adapter config's base model) and `--labels`.
+metrics.json names the task, the base model, the model head, the label names in head order and the data
+options, so a test on the run's own split sees exactly the rows the run held out. A folder without
+metrics.json (an adapter from elsewhere) needs `--model` (or the adapter config's base model), and `--labels`
+when its head is a classifier; its head follows the adapter config's task_type.
 """
 from __future__ import annotations
 
@@ -16,41 +17,51 @@ from .run import METRICS_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"  # a whole saved model (`--method full`)
+HEAD_OF_TASK_TYPE = {"SEQ_CLS": "classifier", "SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal"}
 
 
 @dataclass
 class SavedRun:
-    folder: str
+    folder: str | None  # None: the base model alone (in-context evaluation without an adapter)
     model: str  # Hub name or local folder of the base model
-    labels: list[str]  # names in the order of the head's outputs
+    labels: list[str]  # names in the order of the head's outputs ([] for regression and generation)
     options: dict  # the training options recorded in metrics.json ({} without it)
     full: bool = False  # the folder holds the whole fine-tuned model, not an adapter
+    task: str | None = None  # the task it was trained on (None: a classification file, or unknown)
+    head: str = "classifier"
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} must hold a JSON object")
+    return data
 
 
 def read_run(folder: str, model: str | None = None, labels: list[str] | None = None) -> SavedRun:
     folder = os.path.expanduser(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f"--checkpoint {folder} does not exist (or is not a folder); point it at the --output-dir "
+                         f"of a `unipeft train` run")
     full = not os.path.isfile(os.path.join(folder, ADAPTER_CONFIG))
     if full and not os.path.isfile(os.path.join(folder, MODEL_CONFIG)):
         raise UsageError(f"--checkpoint {folder} is not an adapter folder or a saved model (no {ADAPTER_CONFIG} or "
                          f"{MODEL_CONFIG}); point it at the --output-dir of a `unipeft train` run")
-    metrics = {}
-    if os.path.isfile(os.path.join(folder, METRICS_FILE)):
-        try:
-            with open(os.path.join(folder, METRICS_FILE), encoding="utf-8") as fh:
-                metrics = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"cannot read {os.path.join(folder, METRICS_FILE)}: {exc}") from None
-    if full:
-        model = folder
-    else:
-        with open(os.path.join(folder, ADAPTER_CONFIG), encoding="utf-8") as fh:
-            model = model or metrics.get("model") or json.load(fh).get("base_model_name_or_path")
-    labels = labels or metrics.get("labels")
+    metrics_path = os.path.join(folder, METRICS_FILE)
+    metrics = _read_json(metrics_path) if os.path.isfile(metrics_path) else {}
+    adapter = {} if full else _read_json(os.path.join(folder, ADAPTER_CONFIG))
+    model = folder if full else model or metrics.get("model") or adapter.get("base_model_name_or_path")
+    head = metrics.get("head") or HEAD_OF_TASK_TYPE.get(str(adapter.get("task_type")), "classifier")
+    labels = labels or metrics.get("labels") or []
     if not model:
         raise UsageError(f"{folder} does not name its base model; pass --model NAME_OR_FOLDER")
-    if not labels:
+    if head == "classifier" and not labels:
         raise UsageError(f"{folder} has no {METRICS_FILE} naming its labels; pass --labels in the head's order, e.g. --labels neg,pos")
-    return SavedRun(folder, model, list(labels), metrics.get("options") or {}, full)
+    return SavedRun(folder, model, list(labels), metrics.get("options") or {}, full, metrics.get("task"), head)
 
 
 def load_adapted(run: SavedRun, device):
@@ -61,11 +72,12 @@ def load_adapted(run: SavedRun, device):
     from ..peft_model import PeftModel
     from .model import load_model, resolve_model
 
-    model, tokenizer = load_model(resolve_model(run.model), run.labels)
-    if run.full:
+    model, tokenizer = load_model(resolve_model(run.model), run.labels, run.head)
+    if run.full or run.folder is None:
         return model.to(device).eval(), tokenizer
     try:
         peft_model = PeftModel.from_pretrained(model, run.folder)
     except (CheckpointMismatchError, CheckpointError, ConfigError) as exc:
-        raise UsageError(f"cannot load the adapter in {run.folder} onto {run.model} with {len(run.labels)} labels: {exc}") from None
+        what = f"{len(run.labels)} labels" if run.head == "classifier" else f"a {run.head} head"
+        raise UsageError(f"cannot load the adapter in {run.folder} onto {run.model} with {what}: {exc}") from None
     return peft_model.to(device).eval(), tokenizer

@@ -1,0 +1,144 @@
+"""`unipeft bench`: several methods on one task with the same budget, as a results table and a plot.
+
+Each method trains in its own `unipeft train` process (so each peak-memory figure is that run's alone) with
+the same options, into <output-dir>/<method>/. The table is written as bench.md and bench.json, the plot of
+the test metric against the trainable share of parameters as bench.png.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from .errors import UsageError
+
+COLUMNS = ("method", "metric", "validation", "test", "trainable_params", "trainable_percent", "train_seconds",
+           "peak_memory_mb")
+
+
+def _row(method: str, folder: str, proc: subprocess.CompletedProcess) -> dict:
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        return {"method": method, "error": lines[-1] if lines else f"exit code {proc.returncode}"}
+    with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as fh:
+        m = json.load(fh)
+    main = m["main_metric"]
+    return {"method": method, "metric": main, "validation": m["validation"][main], "test": m["test"][main],
+            "trainable_params": m["trainable_params"], "trainable_percent": m["trainable_percent"],
+            "train_seconds": m["train_seconds"], "peak_memory_mb": m["peak_memory_mb"], "task": m["task"],
+            "model": m["model"], "steps": m["steps"], "device": m["device"]}
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    return f"{platform.system()} {platform.machine()}, {cpus} CPU core{'s' if cpus != 1 else ''}, Python {platform.python_version()}"
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    out = [title, "", "| method | metric | validation | test | trainable params | trainable % | train time (s) | peak memory (MiB) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['method']} | failed: {r['error'].replace('|', '/')} | | | | | | |")
+            continue
+        out.append(f"| {r['method']} | {r['metric']} | {r['validation']:.4f} | {r['test']:.4f} | "
+                   f"{r['trainable_params']:,d} | {r['trainable_percent']:.4f} | {r['train_seconds']:.0f} | "
+                   f"{'' if r['peak_memory_mb'] is None else format(r['peak_memory_mb'], '.0f')} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Test metric against trainable % (log scale), one labelled point per method."""
+    from .report import new_figure, save_figure
+
+    done = [r for r in rows if "error" not in r]
+    figure = new_figure()
+    axes = figure.add_subplot(1, 1, 1)
+    for r in done:
+        axes.scatter(r["trainable_percent"], r["test"])
+        axes.annotate(r["method"], (r["trainable_percent"], r["test"]), textcoords="offset points", xytext=(4, 4),
+                      fontsize=8)
+    axes.set_xscale("log")
+    axes.set(xlabel="trainable parameters (% of the model)",
+             ylabel=f"test {done[0]['metric']}" if done else "test metric")
+    axes.grid(True, alpha=0.3)
+    save_figure(figure, path)
+
+
+def _check_train_args(methods: list[str], train_args: list[str]) -> None:
+    """Refuse what would fail every run, before the first one starts: training options that do not parse, the
+    options bench sets itself (also abbreviated, e.g. --res), bad values, an unknown task, a missing model folder
+    or device, a method config that cannot be built, and local data files that cannot be read."""
+    import argparse
+    import dataclasses
+
+    from ..cli import build_parser
+    from ..methods.unified import AXES
+    from . import tasks
+    from .methods import method_config
+    from .model import resolve_model
+    from .run import TrainOptions, _check_options, load_run_data
+
+    parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    parser.exit_on_error = False
+    try:
+        args, unknown = parser.parse_known_args(train_args)
+    except argparse.ArgumentError as exc:
+        raise UsageError(f"training option {exc}") from None
+    if unknown:
+        raise UsageError(f"unrecognized training option(s): {' '.join(unknown)}")
+    reserved = [flag for flag, given in (("--method", any(a.split("=", 1)[0] == "--method" for a in train_args)),
+                                         ("--output-dir", args.output_dir is not None), ("--resume", args.resume))
+                if given]
+    if reserved:
+        raise UsageError(f"bench chooses {', '.join(reserved)} itself; remove it from the training options")
+    fields = TrainOptions.__dataclass_fields__
+    options = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields},
+                           axes={axis: getattr(args, axis) for axis in AXES if getattr(args, axis) is not None})
+    _check_options(options)
+    tasks.task_for(options.task, options.data or options.train_file)
+    resolve_model(options.model)
+    for method in methods:
+        method_config(dataclasses.replace(options, method=method, total_steps=options.epochs))
+    if options.data or options.train_file or options.test_file:  # local files are quick to read; the Hub is not
+        load_run_data(options)
+
+
+def bench(methods: list[str], train_args: list[str], output_dir: str,
+          log: Callable[[str], None] = print) -> list[dict]:
+    """Train each method with `train_args` (the same for all) and write bench.md, bench.json and bench.png."""
+    from ..engine.checkpoint import atomic_write_text
+    from .methods import check_method
+
+    methods = [check_method(m) for m in methods]
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--methods names a method twice: {methods}")
+    _check_train_args(methods, train_args)
+    taken = [m for m in methods if os.path.exists(os.path.join(output_dir, m))]
+    if taken:
+        raise UsageError(f"{output_dir} already holds runs for {taken}; choose another --output-dir")
+    rows = []
+    for method in methods:
+        folder = os.path.join(output_dir, method)
+        log(f"bench: {method} ...")
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "unipeft", "train", *train_args, "--method", method,
+                               "--output-dir", folder, "--no-progress"], capture_output=True, text=True)
+        rows.append(_row(method, folder, proc))
+        outcome = rows[-1].get("error") or f"test {rows[-1]['metric']} {rows[-1]['test']:.4f}"
+        log(f"bench: {method}: {outcome} ({time.perf_counter() - started:.0f} s)")
+    done = [r for r in rows if "error" not in r]
+    title = (f"Methods on {done[0]['task']} with {done[0]['model']} ({done[0]['steps']} steps each; "
+             f"{machine()}, {time.strftime('%Y-%m-%d')})") if done else "All methods failed"
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write_text(os.path.join(output_dir, "bench.md"), markdown(rows, title))
+    atomic_write_text(os.path.join(output_dir, "bench.json"),
+                      json.dumps({"title": title, "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                                  "train_args": train_args, "rows": rows}, indent=2) + "\n")
+    plot(rows, os.path.join(output_dir, "bench.png"))
+    log(f"bench: wrote bench.md, bench.json and bench.png to {output_dir}")
+    return rows

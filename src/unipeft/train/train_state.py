@@ -1,0 +1,176 @@
+"""The files of a training checkpoint (checkpoint/ in a run folder): adapter-only, written atomically.
+
+    trainable.safetensors   the trainable tensors by parameter name (adapter and head; the whole model for full)
+    best.safetensors        the best evaluation's copy of them, when there is one
+    optimizer.pt, scheduler.pt, rng.pt   their states (python, numpy, torch CPU and CUDA generators)
+    method_state.pt         what adapter methods keep between steps (AdaLoRA's importance scores), when any
+    trainer_state.json      position, best tracking, history and the options that must not change on resume
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as safetensors_load
+
+from .errors import UsageError
+
+CHECKPOINT = "checkpoint"
+# Options that decide the data order, the schedule or the optimizer: a resume must use the checkpoint's values.
+FIXED_ON_RESUME = ("epochs", "batch_size", "grad_accum", "seed", "schedule", "warmup_ratio", "warmup_steps",
+                   "lr", "weight_decay")
+OPTIONAL_FILES = ("best.safetensors", "method_state.pt")
+
+
+@dataclass
+class TrainState:
+    """What trainer_state.json holds besides the options: the run's position and its best-tracking."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # 0-based epoch in progress
+    consumed: int = 0  # batches of that epoch already trained on (by this process)
+    best_metrics: dict | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations in a row without improvement
+    checkpoint_step: int | None = None  # step of the last checkpoint point
+    stopped_early: bool = False
+    examples: int = 0
+    train_seconds: float = 0.0
+    history: list = field(default_factory=list)
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def cpu_copy(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in trainable(model).items()}
+
+
+@torch.no_grad()
+def load_trainable(model, tensors: dict[str, torch.Tensor]) -> None:
+    for name, p in trainable(model).items():
+        p.copy_(tensors[name])
+
+
+def first_mismatch(model, tensors: dict[str, torch.Tensor]) -> str | None:
+    params = trainable(model)
+    for name, p in params.items():
+        if name not in tensors:
+            return f"the model trains {name}, which the checkpoint lacks"
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            return f"{name} has shape {tuple(tensors[name].shape)} in the checkpoint, {tuple(p.shape)} in the model"
+    extra = next((name for name in tensors if name not in params), None)
+    return None if extra is None else f"the checkpoint holds {extra}, which the model does not train"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        name, keys, pos, has_gauss, gauss = numpy.random.get_state()
+        state["numpy"] = (name, keys.tolist(), pos, has_gauss, gauss)
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy
+
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        numpy.random.set_state((name, numpy.array(keys, dtype=numpy.uint32), pos, has_gauss, gauss))
+
+
+def torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def write_checkpoint(run_dir: str, files: dict[str, bytes]) -> None:
+    """Write the files into a temporary folder, then swap it in for checkpoint/. Until the swap the previous
+    checkpoint is untouched; between its two renames it survives as checkpoint.old, which resume also reads."""
+    final = os.path.join(run_dir, CHECKPOINT)
+    old = final + ".old"
+    tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir)
+    try:
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint(run_dir: str) -> tuple[str, dict]:
+    """checkpoint/'s contents, every file parsed; UsageError naming the folder and the file that is wrong."""
+    folder = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):
+        folder += ".old"
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot resume: no checkpoint folder {folder}")
+    readers = {
+        "trainer_state.json": lambda data: json.loads(data.decode("utf-8")),
+        "trainable.safetensors": safetensors_load,
+        "optimizer.pt": lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
+        "scheduler.pt": lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
+        "rng.pt": lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
+        "best.safetensors": safetensors_load,
+        "method_state.pt": lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
+    }
+    contents = {}
+    for name, read in readers.items():
+        path = os.path.join(folder, name)
+        if name in OPTIONAL_FILES and not os.path.exists(path):
+            continue
+        try:
+            with open(path, "rb") as fh:
+                contents[name] = read(fh.read())
+        except FileNotFoundError:
+            raise UsageError(f"cannot resume from {folder}: {name} is missing") from None
+        except Exception as exc:  # any parse failure means a damaged file
+            raise UsageError(f"cannot resume from {folder}: {name} is damaged ({type(exc).__name__}: {exc})") from None
+    saved = contents["trainer_state.json"]
+    try:
+        contents["state"] = TrainState(**saved["state"])
+        contents["options"] = dict(saved["options"])
+        contents["num_processes"] = int(saved["num_processes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"cannot resume from {folder}: trainer_state.json is damaged ({exc})") from None
+    return folder, contents
+
+
+def check_resume(folder: str, contents: dict, model, options, num_processes: int) -> None:
+    changed = [f"{name} ({contents['options'].get(name)!r} in the checkpoint, {getattr(options, name)!r} now)"
+               for name in FIXED_ON_RESUME if contents["options"].get(name) != getattr(options, name)]
+    if changed:
+        raise UsageError(f"cannot resume from {folder}: options differ from the checkpoint's: {', '.join(changed)}; "
+                         f"resume with the same options")
+    if contents["num_processes"] != num_processes:
+        raise UsageError(f"cannot resume from {folder}: it was written by {contents['num_processes']} processes, "
+                         f"this run has {num_processes}")
+    for name in ("trainable.safetensors", "best.safetensors"):
+        problem = first_mismatch(model, contents[name]) if name in contents else None
+        if problem:
+            raise UsageError(f"cannot resume from {folder}: {name} does not fit the model: {problem}")
+
+

@@ -1,0 +1,382 @@
+"""The training loop on Accelerate: one entry point, `fit`, for any model whose forward returns `.loss`.
+
+    result = fit(model, train_examples, collate, evaluate, main_metric, greater_is_better, LoopOptions(...), run_dir)
+
+`collate(list of examples) -> dict of tensors` builds a batch; `evaluate() -> {metric: value}` evaluates the
+current model (it is called at every checkpoint point: every `eval_every` optimizer steps, or at each epoch's end,
+and at the very end; under several processes it runs on each and must return the same, gathered, metrics).
+The best evaluation by `main_metric` is loaded back into the model before `fit` returns.
+
+Files written (by the main process) in run_dir:
+    log.jsonl      one JSON record a line. Training: {"step", "epoch", "loss", "lr", "examples_per_second"}, the mean
+                   loss and the last rate of the steps since the previous record, every `log_every` steps and at each
+                   checkpoint point. Evaluation: {"step", "epoch", "eval": {metric: value}}. "epoch" is fractional
+                   (1.5: half-way through the second epoch).
+    checkpoint/    replaced atomically at each checkpoint point and at the end; adapter-only (trainable tensors):
+                   trainable.safetensors (by parameter name), best.safetensors (the best copy, if any),
+                   optimizer.pt, scheduler.pt, rng.pt (python, numpy, torch CPU and CUDA generators),
+                   trainer_state.json (step, epoch, batches consumed, best tracking, history, options)
+
+`resume=True` continues from checkpoint/ exactly (same data order, optimizer, schedule, RNG and best tracking);
+log.jsonl is rewritten from the checkpoint's history, so records written after the checkpoint are dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from safetensors.torch import save as safetensors_save
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .errors import UsageError
+from .loop import make_optimizer
+from .train_state import (CHECKPOINT, TrainState, check_resume, cpu_copy, load_trainable, read_checkpoint,
+                          rng_state, set_rng_state, torch_bytes, write_checkpoint)
+
+LOG = "log.jsonl"
+SCHEDULES = ("linear", "cosine", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class LoopOptions:
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06  # fraction of optimizer steps; warmup_steps overrides when set
+    warmup_steps: int | None = None
+    schedule: str = "linear"  # "linear" | "cosine" | "constant" (after warm-up)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0
+    eval_every: int | None = None  # optimizer steps between checkpoint points; None: at the end of each epoch
+    early_stopping: int | None = None  # stop after this many evaluations without improving main_metric; None: off
+    mixed_precision: str = "no"  # "no" | "bf16" (autocast, also on CPU) | "fp16" (GPU only)
+    seed: int = 0
+    log_every: int = 10  # optimizer steps between training-loss records in log.jsonl
+    progress: bool = True
+    device: str | None = None  # None: let Accelerate choose; "cpu" forces CPU
+
+
+@dataclass
+class FitResult:
+    history: list[dict]  # the log.jsonl records
+    best_metrics: dict | None  # the evaluation with the best main_metric (None without main_metric)
+    best_step: int | None
+    steps: int  # optimizer steps taken, including those before a resume
+    epochs_run: float  # epochs of data trained on (2.5: stopped half-way through the third)
+    stopped_early: bool
+    train_seconds: float  # training only (no evaluation or checkpoint writing), including before a resume
+    peak_memory_mb: float | None  # CUDA: max_memory_allocated during fit; CPU: the process's peak RSS so far
+    examples_per_second: float
+
+
+def schedule_factor(kind: str, step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base learning rate for 0-based optimizer step `step` of `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return max(0.0, 1.0 - progress)
+
+
+def warmup_steps(options: LoopOptions, total: int) -> int:
+    if options.warmup_steps is not None:
+        return options.warmup_steps
+    return max(1, math.ceil(total * options.warmup_ratio)) if options.warmup_ratio > 0 else 0
+
+
+def check_options(options: LoopOptions) -> None:
+    for name in ("epochs", "batch_size", "grad_accum", "log_every"):
+        if getattr(options, name) < 1:
+            raise UsageError(f"{name} must be at least 1, got {getattr(options, name)}")
+    for name in ("eval_every", "early_stopping"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be at least 1 (or None), got {value}")
+    if options.schedule not in SCHEDULES:
+        raise UsageError(f"unknown schedule {options.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if options.mixed_precision not in PRECISIONS:
+        raise UsageError(f"unknown mixed_precision {options.mixed_precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if not 0 <= options.warmup_ratio <= 1:
+        raise UsageError(f"warmup_ratio must be between 0 and 1, got {options.warmup_ratio}")
+    if options.warmup_steps is not None and options.warmup_steps < 0:
+        raise UsageError(f"warmup_steps must be at least 0, got {options.warmup_steps}")
+    if not options.lr > 0:
+        raise UsageError(f"lr must be positive, got {options.lr}")
+
+
+def _accelerator(options: LoopOptions):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if options.device not in (None, "cpu", "cuda"):
+        raise UsageError(f"device must be None (Accelerate chooses), 'cpu' or 'cuda', got {options.device!r}")
+    # AcceleratorState is a process-wide singleton that refuses a second fit with another precision;
+    # forget the previous fit's (the process group, in PartialState, stays).
+    AcceleratorState._reset_state()
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=options.grad_accum,
+                                  mixed_precision=options.mixed_precision, cpu=options.device == "cpu")
+    except ValueError as exc:
+        device = "cpu" if options.device == "cpu" or not torch.cuda.is_available() else "cuda"
+        raise UsageError(f"mixed_precision {options.mixed_precision!r} is not available on {device} ({exc}); "
+                         f"use mixed_precision='no'") from None
+    device = accelerator.device.type
+    if options.device == "cuda" and device != "cuda":
+        raise UsageError(f"device 'cuda' asked for, but Accelerate runs on {device}")
+    if options.mixed_precision == "fp16" and device == "cpu":
+        # Accelerate accepts fp16 on CPU but then trains in float32 without saying so.
+        raise UsageError("mixed_precision 'fp16' is not available on cpu (Accelerate would silently train in "
+                         "float32); use mixed_precision='bf16' or 'no' on cpu, or train on a CUDA GPU")
+    return accelerator
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _rows(batch) -> int:
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+def _improved(value: float, best: float | None, greater_is_better: bool) -> bool:
+    if math.isnan(value):
+        return False
+    return best is None or (value > best if greater_is_better else value < best)
+
+
+def fit(model, train_examples: list, collate: Callable[[list], dict], evaluate: Callable[[], dict] | None,
+        main_metric: str | None, greater_is_better: bool, options: LoopOptions, run_dir: str,
+        resume: bool = False, log: Callable[[str], None] = print) -> FitResult:
+    """Train `model` on `train_examples`; see the module docstring. Returns the run's FitResult."""
+    check_options(options)
+    if not train_examples:
+        raise UsageError("no training examples")
+    if main_metric is not None and evaluate is None:
+        raise UsageError(f"main_metric {main_metric!r} needs an evaluate function")
+    if options.early_stopping is not None and main_metric is None:
+        raise UsageError("early_stopping needs an evaluate function and a main_metric")
+    accelerator = _accelerator(options)
+    contents = None
+    if resume:
+        folder, contents = read_checkpoint(run_dir)
+        check_resume(folder, contents, model, options, accelerator.num_processes)
+    try:
+        return _Fit(accelerator, model, train_examples, collate, evaluate, main_metric, greater_is_better,
+                    options, run_dir, log, contents).run()
+    finally:
+        accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drops the autocast wrapper from forward
+        accelerator.free_memory()
+
+
+class _Fit:
+    """One call of `fit`: the prepared objects and the loop over them."""
+
+    def __init__(self, accelerator, model, examples, collate, evaluate, main_metric, greater_is_better,
+                 options, run_dir, log, contents):
+        self.accelerator, self.examples, self.collate, self.options = accelerator, examples, collate, options
+        self.evaluate, self.main_metric, self.greater = evaluate, main_metric, greater_is_better
+        self.run_dir, self.log_path = run_dir, os.path.join(run_dir, LOG)
+        self.main = accelerator.is_main_process
+        self.log = log if self.main else (lambda message: None)
+        self.state = contents["state"] if contents else TrainState()
+        self.best = contents.get("best.safetensors") if contents else None
+        if contents:
+            load_trainable(model, contents["trainable.safetensors"])
+        if accelerator.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(accelerator.device)
+
+        optimizer = make_optimizer(model, options.lr, options.weight_decay)
+        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, self._loader(self.state.epoch))
+        self.batches_per_epoch = len(self.loader)
+        self.total = math.ceil(self.batches_per_epoch / options.grad_accum) * options.epochs
+        warmup = warmup_steps(options, self.total)
+        # A prepared scheduler steps once per process at each optimizer step.
+        ticks = accelerator.num_processes
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda tick: schedule_factor(options.schedule, tick // ticks, self.total, warmup))
+        self.scheduler = accelerator.prepare(scheduler)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        unwrapped = accelerator.unwrap_model(self.model)
+        adapters = getattr(unwrapped, "base_model", None)
+        self.allocate = getattr(adapters, "update_and_allocate", None)
+        self.step_state = getattr(adapters, "step_state_dict", None)
+
+        if self.main:
+            os.makedirs(run_dir, exist_ok=True)
+            from ..engine.checkpoint import atomic_write_text
+
+            atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in self.state.history))
+        if contents:
+            self.optimizer.load_state_dict(contents["optimizer.pt"])
+            self.scheduler.load_state_dict(contents["scheduler.pt"])
+            if "method_state.pt" in contents:
+                adapters.load_step_state_dict(contents["method_state.pt"])
+            set_rng_state(contents["rng.pt"])  # last, so nothing above draws from the restored generators
+            self.log(f"resumed from {CHECKPOINT}/ at step {self.state.step} (epoch {self.state.epoch + 1}, "
+                     f"batch {self.state.consumed})")
+
+    def _loader(self, epoch: int) -> DataLoader:
+        # The order of epoch e is a function of (seed, e) alone: a fresh generator per epoch, never the global one.
+        generator = torch.Generator().manual_seed(self.options.seed * 1_000_003 + epoch)
+        return DataLoader(self.examples, batch_size=self.options.batch_size, shuffle=True, generator=generator,
+                          collate_fn=self.collate)
+
+    def _epoch_progress(self) -> float:
+        return round(self.state.epoch + self.state.consumed / self.batches_per_epoch, 4)
+
+    def _record(self, record: dict) -> None:
+        self.state.history.append(record)
+        if self.main:
+            with open(self.log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def run(self) -> FitResult:
+        options, state, accelerator = self.options, self.state, self.accelerator
+        bar = tqdm(total=self.total, initial=state.step, desc="train", dynamic_ncols=True,
+                   disable=not (options.progress and accelerator.is_local_main_process))
+        self.session_start, self.paused, self.seconds_before = time.perf_counter(), 0.0, state.train_seconds
+        self.window = {"losses": [], "examples": 0, "start": time.perf_counter(), "lr": 0.0}
+        micro_losses: list[float] = []
+        self.model.train()
+        while state.epoch < options.epochs and not state.stopped_early:
+            if self.loader is None:
+                self.loader = accelerator.prepare(self._loader(state.epoch))
+            batches = accelerator.skip_first_batches(self.loader, state.consumed) if state.consumed else self.loader
+            for batch in batches:
+                with accelerator.accumulate(self.model):
+                    loss = self.model(**batch).loss
+                    accelerator.backward(loss)
+                    micro_losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
+                    rows = _rows(batch) * accelerator.num_processes
+                    self.window["examples"] += rows
+                    state.examples += rows
+                    stepped = accelerator.sync_gradients
+                    if stepped:
+                        if options.max_grad_norm:
+                            accelerator.clip_grad_norm_(self.params, options.max_grad_norm)
+                        self.window["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        if self.allocate is not None:
+                            self.allocate(state.step)  # after the step, while the gradients are still there
+                        self.optimizer.zero_grad(set_to_none=True)
+                state.consumed += 1
+                if not stepped:
+                    continue
+                state.step += 1
+                self.window["losses"].append(sum(micro_losses) / len(micro_losses))
+                micro_losses = []
+                epoch_end = state.consumed == self.batches_per_epoch
+                if epoch_end:
+                    state.epoch, state.consumed = state.epoch + 1, 0
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(self.window['losses']) / len(self.window['losses']):.4f}",
+                                lr=f"{self.window['lr']:.2e}", ex_s=f"{self._throughput():.1f}")
+                if state.step % options.log_every == 0:
+                    self._flush_window()
+                if (state.step % options.eval_every == 0) if options.eval_every else epoch_end:
+                    self._checkpoint_point()
+                    if state.stopped_early:
+                        break
+            self.loader = None
+        if state.checkpoint_step != state.step:
+            self._checkpoint_point()
+        bar.close()
+        return self._finish()
+
+    def _train_seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.session_start - self.paused
+
+    def _throughput(self) -> float:
+        return self.state.examples / max(1e-9, self._train_seconds())
+
+    def _flush_window(self) -> None:
+        window, now = self.window, time.perf_counter()
+        if window["losses"]:
+            self._record({"step": self.state.step, "epoch": self._epoch_progress(),
+                          "loss": sum(window["losses"]) / len(window["losses"]), "lr": window["lr"],
+                          "examples_per_second": window["examples"] / max(1e-9, now - window["start"])})
+        self.window = {"losses": [], "examples": 0, "start": now, "lr": window["lr"]}
+
+    def _checkpoint_point(self) -> None:
+        """Flush the loss window, evaluate, update the best copy, write the checkpoint; time spent is not training."""
+        self._flush_window()
+        started, state = time.perf_counter(), self.state
+        state.train_seconds = self._train_seconds()
+        if self.evaluate is not None:
+            metrics = {name: float(value) for name, value in self.evaluate().items()}
+            self.model.train()
+            self._record({"step": state.step, "epoch": self._epoch_progress(), "eval": metrics})
+            self.log(f"epoch {self._epoch_progress():g}, step {state.step}: validation "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if self.main_metric is not None:
+                self._track_best(metrics)
+        state.checkpoint_step = state.step
+        if self.main:
+            self._save()
+        self.accelerator.wait_for_everyone()
+        self.paused += time.perf_counter() - started
+        self.window["start"] = time.perf_counter()
+
+    def _track_best(self, metrics: dict) -> None:
+        state = self.state
+        if self.main_metric not in metrics:
+            raise UsageError(f"main_metric {self.main_metric!r} is not among the evaluated metrics "
+                             f"({', '.join(metrics) or 'none'})")
+        best = None if state.best_metrics is None else state.best_metrics[self.main_metric]
+        if _improved(metrics[self.main_metric], best, self.greater):
+            state.best_metrics, state.best_step, state.bad_evals = metrics, state.step, 0
+            self.best = cpu_copy(self.accelerator.unwrap_model(self.model))
+        else:
+            state.bad_evals += 1
+            if self.options.early_stopping is not None and state.bad_evals >= self.options.early_stopping:
+                state.stopped_early = True
+                self.log(f"early stopping at step {state.step}: {state.bad_evals} evaluations without improving "
+                         f"{self.main_metric} (best at step {state.best_step})")
+
+    def _save(self) -> None:
+        files = {
+            "trainable.safetensors": safetensors_save(cpu_copy(self.accelerator.unwrap_model(self.model))),
+            "optimizer.pt": torch_bytes(self.optimizer.state_dict()),
+            "scheduler.pt": torch_bytes(self.scheduler.state_dict()),
+            "rng.pt": torch_bytes(rng_state()),
+            "trainer_state.json": json.dumps({"state": dataclasses.asdict(self.state),
+                                              "options": dataclasses.asdict(self.options),
+                                              "num_processes": self.accelerator.num_processes}).encode("utf-8"),
+        }
+        if self.best is not None:
+            files["best.safetensors"] = safetensors_save(self.best)
+        if self.step_state:
+            files["method_state.pt"] = torch_bytes(self.step_state())
+        write_checkpoint(self.run_dir, files)
+
+    def _finish(self) -> FitResult:
+        state = self.state
+        if self.best is not None:
+            load_trainable(self.accelerator.unwrap_model(self.model), self.best)
+            self.log(f"loaded the best evaluation's parameters (step {state.best_step})")
+        return FitResult(history=list(state.history), best_metrics=state.best_metrics, best_step=state.best_step,
+                         steps=state.step, epochs_run=self._epoch_progress(),
+                         stopped_early=state.stopped_early, train_seconds=state.train_seconds,
+                         peak_memory_mb=_peak_memory_mb(self.accelerator.device),
+                         examples_per_second=state.examples / max(1e-9, state.train_seconds))
