@@ -185,13 +185,20 @@ def _add_design_space(p) -> None:
                            choices=literals or None, help=f"(default: {default})")
 
 
-def run_train(args: argparse.Namespace) -> int:
+def train_options(args: argparse.Namespace):
+    """The TrainOptions of parsed `unipeft train` arguments."""
     from .methods.unified import AXES
-    from .train.run import TrainOptions, run
+    from .train.run import TrainOptions
 
     fields = TrainOptions.__dataclass_fields__
     axes = {axis: getattr(args, axis) for axis in AXES if getattr(args, axis) is not None}
-    run(TrainOptions(**{k: v for k, v in vars(args).items() if k in fields}, axes=axes))
+    return TrainOptions(**{k: v for k, v in vars(args).items() if k in fields}, axes=axes)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .train.run import run
+
+    run(train_options(args))
     return 0
 
 
@@ -203,8 +210,9 @@ def _add_checkpoint_options(p) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     _add_generation_options(p)
     for action in p._actions:  # test and infer default to the run's own choices
-        if action.dest in ("eval_mode", "shots"):
+        if action.dest in ("eval_mode", "shots", "search", "num_beams", "max_new_tokens"):
             action.default = None
+            action.help = action.help.split(" (default:")[0] + " (default: the run's)"
 
 
 def add_test_parser(subparsers) -> None:
@@ -277,16 +285,22 @@ def add_bench_parser(subparsers) -> None:
 
 
 def run_bench(args: argparse.Namespace, train_args: list[str]) -> int:
-    from .train.bench import bench
+    """Training options that do not parse, or would fail every run, are refused before the first run."""
+    from .train.bench import bench, check_bench_options
     from .train.run import default_output_dir
 
-    reserved = {"--method", "--output-dir", "--resume"} & {a.split("=", 1)[0] for a in train_args}
-    if reserved:
-        raise UsageError(f"bench chooses {', '.join(sorted(reserved))} itself; remove it from the training options")
     train = build_parser()._subparsers._group_actions[0].choices["train"]
-    train.parse_args(train_args)  # a bad training option fails here, before the first run
-    bench(args.methods, train_args, args.output_dir or default_output_dir(os.path.join("runs", "bench")))
-    return 0
+    train.exit_on_error = False
+    try:
+        parsed, unknown = train.parse_known_args(train_args)
+    except argparse.ArgumentError as exc:
+        raise UsageError(f"training option {exc}") from None
+    if unknown:
+        raise UsageError(f"unrecognized training option(s): {' '.join(unknown)}")
+    method_given = any(a.split("=", 1)[0] == "--method" for a in train_args)
+    check_bench_options(args.methods, train_options(parsed), method_given)
+    rows = bench(args.methods, train_args, args.output_dir or default_output_dir(os.path.join("runs", "bench")))
+    return 0 if any("error" not in row for row in rows) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

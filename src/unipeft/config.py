@@ -167,14 +167,15 @@ class PeftConfig:
         return False
 
 
-def read_config_json(file: str) -> dict[str, Any]:
+def read_config_json(file: str, what: str = "adapter config") -> dict[str, Any]:
+    """The JSON object in `file`; a ConfigError naming `what` and the file when it cannot be read or is not one."""
     try:
         with open(file, encoding="utf-8") as fh:
             data = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read adapter config {file}: {exc}") from None
+        raise ConfigError(f"cannot read {what} {file}: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"adapter config {file} must hold a JSON object, got {type(data).__name__}")
+        raise ConfigError(f"{what} {file} must hold a JSON object, got {type(data).__name__}")
     return data
 
 

@@ -69,36 +69,24 @@ def plot(rows: list[dict], path: str) -> None:
     save_figure(figure, path)
 
 
-def _check_train_args(methods: list[str], train_args: list[str]) -> None:
-    """Refuse what would fail every run, before the first one starts: training options that do not parse, the
-    options bench sets itself (also abbreviated, e.g. --res), bad values, an unknown task, a missing model folder
-    or device, a method config that cannot be built, and local data files that cannot be read."""
-    import argparse
+def check_bench_options(methods: list[str], options, method_given: bool) -> None:
+    """Refuse what would fail every run, before the first one starts: the options bench sets itself, bad values,
+    an unknown task, a missing model folder or device, a method config that cannot be built, and local data files
+    that cannot be read. `options` are the parsed training options; `method_given`: --method was among them."""
     import dataclasses
 
-    from ..cli import build_parser
-    from ..methods.unified import AXES
     from . import tasks
-    from .methods import method_config
+    from .methods import check_method, method_config
     from .model import resolve_model
-    from .run import TrainOptions, _check_options, load_run_data
+    from .run import _check_options, load_run_data
 
-    parser = build_parser()._subparsers._group_actions[0].choices["train"]
-    parser.exit_on_error = False
-    try:
-        args, unknown = parser.parse_known_args(train_args)
-    except argparse.ArgumentError as exc:
-        raise UsageError(f"training option {exc}") from None
-    if unknown:
-        raise UsageError(f"unrecognized training option(s): {' '.join(unknown)}")
-    reserved = [flag for flag, given in (("--method", any(a.split("=", 1)[0] == "--method" for a in train_args)),
-                                         ("--output-dir", args.output_dir is not None), ("--resume", args.resume))
-                if given]
+    methods = [check_method(m) for m in methods]
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--methods names a method twice: {methods}")
+    reserved = [flag for flag, given in (("--method", method_given), ("--output-dir", options.output_dir is not None),
+                                         ("--resume", options.resume)) if given]
     if reserved:
         raise UsageError(f"bench chooses {', '.join(reserved)} itself; remove it from the training options")
-    fields = TrainOptions.__dataclass_fields__
-    options = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields},
-                           axes={axis: getattr(args, axis) for axis in AXES if getattr(args, axis) is not None})
     _check_options(options)
     tasks.task_for(options.task, options.data or options.train_file)
     resolve_model(options.model)
@@ -115,9 +103,6 @@ def bench(methods: list[str], train_args: list[str], output_dir: str,
     from .methods import check_method
 
     methods = [check_method(m) for m in methods]
-    if len(set(methods)) != len(methods):
-        raise UsageError(f"--methods names a method twice: {methods}")
-    _check_train_args(methods, train_args)
     taken = [m for m in methods if os.path.exists(os.path.join(output_dir, m))]
     if taken:
         raise UsageError(f"{output_dir} already holds runs for {taken}; choose another --output-dir")

@@ -26,8 +26,8 @@ class EvalOptions:
     split: str = "test"
     eval_mode: str | None = None
     shots: int | None = None
-    search: str = "greedy"
-    num_beams: int = 4
+    search: str | None = None
+    num_beams: int | None = None
     max_new_tokens: int | None = None
     batch_size: int = 64
     device: str | None = None
@@ -118,8 +118,8 @@ def _runner(run: SavedRun, task, train_options, demo_pool, tokenizer, options: E
     classes = len(run.labels or task.labels) or None
     demos = pick_demos(demo_pool, train_options.shots, train_options.seed, classes) if icl else None
     return TaskRunner(task, run.head, tokenizer, train_options.max_length, train_options.max_target_length,
-                      run.labels, demos, options.search, options.num_beams,
-                      train_options.max_new_tokens,  # --max-new-tokens, else the run's own (else the task's)
+                      run.labels, demos, train_options.search, train_options.num_beams,
+                      train_options.max_new_tokens,  # each: this command's flag, else the run's own
                       options.batch_size)
 
 

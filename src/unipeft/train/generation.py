@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from .data import Example
-from .loop import to_device
+from .batches import to_device
 
 IGNORE = -100
 SEARCHES = ("greedy", "beam")

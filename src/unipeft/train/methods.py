@@ -7,7 +7,6 @@ rate it trains with unless `--lr` is given.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import TYPE_CHECKING, Callable
@@ -224,15 +223,14 @@ def check_method(name: str) -> str:
     return key
 
 
-def read_json_object(path: str, flag: str) -> dict:
+def read_json_object(path: str, what: str) -> dict:
+    """The JSON object in `path` (a user's file: `what` names it in the error, e.g. --method-config)."""
+    from ..config import ConfigError, read_config_json
+
     try:
-        with open(os.path.expanduser(path), encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {flag} {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{flag} {path} must hold a JSON object, got {type(data).__name__}")
-    return data
+        return read_config_json(os.path.expanduser(path), what)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _with_overrides(config: "PeftConfig", path: str) -> "PeftConfig":

@@ -291,6 +291,8 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     from .trainer import LoopOptions, fit
 
     device = resolve_device(options.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Accelerate places the run on the current CUDA device
     model_name = resolve_model(options.model)
     head = choose_head(task, options.eval_mode, model_name)
     torch.manual_seed(options.seed)  # the new head and the adapter start from seeded random values

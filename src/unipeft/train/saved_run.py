@@ -8,11 +8,11 @@ when its head is a classifier; its head follows the adapter config's task_type.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from .errors import UsageError
+from .methods import read_json_object
 from .run import METRICS_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -31,17 +31,6 @@ class SavedRun:
     head: str = "classifier"
 
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} must hold a JSON object")
-    return data
-
-
 def read_run(folder: str, model: str | None = None, labels: list[str] | None = None) -> SavedRun:
     folder = os.path.expanduser(folder)
     if not os.path.isdir(folder):
@@ -52,8 +41,8 @@ def read_run(folder: str, model: str | None = None, labels: list[str] | None = N
         raise UsageError(f"--checkpoint {folder} is not an adapter folder or a saved model (no {ADAPTER_CONFIG} or "
                          f"{MODEL_CONFIG}); point it at the --output-dir of a `unipeft train` run")
     metrics_path = os.path.join(folder, METRICS_FILE)
-    metrics = _read_json(metrics_path) if os.path.isfile(metrics_path) else {}
-    adapter = {} if full else _read_json(os.path.join(folder, ADAPTER_CONFIG))
+    metrics = read_json_object(metrics_path, "run metrics") if os.path.isfile(metrics_path) else {}
+    adapter = {} if full else read_json_object(os.path.join(folder, ADAPTER_CONFIG), "adapter config")
     model = folder if full else model or metrics.get("model") or adapter.get("base_model_name_or_path")
     head = metrics.get("head") or HEAD_OF_TASK_TYPE.get(str(adapter.get("task_type")), "classifier")
     labels = labels or metrics.get("labels") or []

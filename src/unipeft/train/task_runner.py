@@ -44,7 +44,7 @@ class TaskRunner:
     def collate(self) -> Callable[[list[Example]], dict]:
         """Training batches: tokenised inputs with labels (class ids, values, or target tokens)."""
         from .generation import CausalCollator, Seq2SeqCollator
-        from .loop import Collator
+        from .batches import Collator
 
         if self.head == "seq2seq":
             return Seq2SeqCollator(self.tokenizer, self.task.source, self.max_length, self.max_target_length)
@@ -67,7 +67,7 @@ class TaskRunner:
     def outputs(self, model, examples: list[Example]) -> list:
         """Per example: class probabilities (classification), a value (regression) or a generated text."""
         from .generation import generate_texts, score_label_words
-        from .loop import make_loader, to_device
+        from .batches import make_loader, to_device
 
         device = next(model.parameters()).device
         model.eval()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .errors import UsageError
-from .loop import make_optimizer
+from .batches import make_optimizer
 from .train_state import (CHECKPOINT, TrainState, check_resume, cpu_copy, load_trainable, read_checkpoint,
                           rng_state, set_rng_state, torch_bytes, write_checkpoint)
 
