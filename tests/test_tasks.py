@@ -12,7 +12,8 @@ from unipeft.train import data, tasks  # noqa: E402
 from unipeft.train.data import Example  # noqa: E402
 from unipeft.train.errors import UsageError  # noqa: E402
 from unipeft.train.metrics import GREATER_IS_BETTER  # noqa: E402
-from unipeft.train.tasks import get_task, known_tasks, load_task_dataset, task_for  # noqa: E402
+from unipeft.train.task_data import load_task_dataset  # noqa: E402
+from unipeft.train.tasks import get_task, known_tasks, task_for  # noqa: E402
 
 
 def write(path, rows, sep=","):

@@ -21,7 +21,7 @@ import workflow_models as W
 from unipeft.cli import main
 from unipeft.train.data import Example
 from unipeft.train.generation import pick_demos
-from unipeft.train.tasks import load_task_dataset
+from unipeft.train.task_data import load_task_dataset
 
 # the run's defaults that decide which rows are evaluated (TrainOptions: split_seed 0, 4000 / 2000 samples)
 ROWS = dict(split_seed=0, max_train_samples=4000, max_eval_samples=2000)

@@ -8,15 +8,13 @@ from typing import Callable
 from .errors import UsageError
 from .saved_run import SavedRun, load_adapted, read_run
 
-DEFAULT_MAX_LENGTH = 64  # TrainOptions' default, for folders without metrics.json
-
-
 @dataclasses.dataclass
 class EvalOptions:
     """How `test` and `infer` run a saved model; None fields take the training run's value."""
     task: str | None = None
     data: str | None = None
     train_file: str | None = None  # icl: where the demonstrations come from
+    validation_file: str | None = None
     test_file: str | None = None
     text_column: str | None = None
     pair_column: str | None = None
@@ -68,10 +66,11 @@ def _examples(run: SavedRun, train_options, options: EvalOptions):
     """(task, examples to evaluate, demonstration pool, description)."""
     from . import tasks
     from .run import load_run_data
+    from .task_data import load_task_dataset
 
     if options.data and not options.train_file:  # every usable row of the file is evaluated
         task = tasks.task_for(train_options.task, options.data, train_options.direction)
-        dataset = tasks.load_task_dataset(task, None, test_file=options.data, **_columns(train_options))
+        dataset = load_task_dataset(task, None, test_file=options.data, **_columns(train_options))
         examples, source = dataset.test, options.data
     else:
         task, dataset = load_run_data(train_options)
@@ -96,17 +95,14 @@ def _columns(o) -> dict:
 
 def _runner(run: SavedRun, task, train_options, demo_pool, tokenizer, options: EvalOptions):
     from .generation import pick_demos
+    from .run import check_icl_task
     from .task_runner import TaskRunner
 
     icl = train_options.eval_mode == "icl"
     if icl and run.head != "causal":
         raise UsageError(f"--eval-mode icl needs a causal LM; {run.folder} holds a {run.head} model")
-    if icl and task.kind == "regression":
-        raise UsageError(f"--eval-mode icl scores label words; {task.name} is a regression task")
-    if icl and task.kind == "classification" and not task.label_words:
-        what = "a file without --task" if task.name == "file" else task.name
-        raise UsageError(f"--eval-mode icl scores label words, and {what} has none; pass a --task that has them "
-                         f"(e.g. sst2, with its columns in --data)")
+    if icl:
+        check_icl_task(task)
     if task.kind == "generation" and run.head not in ("seq2seq", "causal"):
         raise UsageError(f"{task.name} is a generation task, but {run.folder} holds a {run.head} model; "
                          f"use a run trained on a generation task")

@@ -224,9 +224,10 @@ def load_run_data(options: TrainOptions):
     """(task, dataset): a registered task's data (its hub dataset, or local files), the embedded tweets corpus,
     or a local classification file without --task."""
     from . import tasks
+    from .task_data import load_task_dataset
 
     task = tasks.task_for(options.task, options.data or options.train_file, options.direction)
-    dataset = tasks.load_task_dataset(
+    dataset = load_task_dataset(
         task, options.data, train_file=options.train_file, validation_file=options.validation_file,
         test_file=options.test_file, text_column=options.text_column, pair_column=options.pair_column,
         label_column=options.label_column, target_column=options.target_column, direction=options.direction,
@@ -235,17 +236,22 @@ def load_run_data(options: TrainOptions):
     return task, dataset
 
 
+def check_icl_task(task) -> None:
+    """In-context evaluation scores label words (classification) or generates (generation)."""
+    if task.kind == "regression":
+        raise UsageError(f"--eval-mode icl scores label words; {task.name} is a regression task")
+    if task.kind == "classification" and not task.label_words:
+        what = "a file without --task" if task.name == "file" else task.name
+        raise UsageError(f"--eval-mode icl scores label words, and {what} has none; use a --task that has "
+                         f"them (e.g. sst2, with its columns in --data)")
+
+
 def choose_head(task, eval_mode: str, model_name: str) -> str:
     """The output layer a run needs: generation tasks and in-context evaluation need a language model."""
     from .model import generation_head
 
     if eval_mode == "icl":
-        if task.kind == "regression":
-            raise UsageError(f"--eval-mode icl scores label words; {task.name} is a regression task")
-        if task.kind == "classification" and not task.label_words:
-            what = "a file without --task" if task.name == "file" else task.name
-            raise UsageError(f"--eval-mode icl scores label words, and {what} has none; use a --task that has "
-                             f"them (e.g. sst2, with its columns in --data)")
+        check_icl_task(task)
         return generation_head(model_name, need_decoder_only=True)
     if task.kind == "generation":
         return generation_head(model_name)
