@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import BertConfig, BertForSequenceClassification
 
 import unipeft
+from workflow_models import folder_bytes
 from unipeft.train.errors import UsageError
 from unipeft.train.report import write_curves, write_summary
 from unipeft.train.trainer import LoopOptions, fit
@@ -58,15 +59,6 @@ def read_log(run_dir):
 
 def without_throughput(records):
     return [{k: v for k, v in r.items() if k != "examples_per_second"} for r in records]
-
-
-def folder_bytes(folder):
-    found = {}
-    for root, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                found[os.path.relpath(os.path.join(root, name), folder)] = fh.read()
-    return found
 
 
 class Interrupted(Exception):

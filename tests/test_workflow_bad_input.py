@@ -13,6 +13,7 @@ import torch
 
 from test_cli import _texts, tiny_model  # noqa: F401  (fixture)
 from unipeft.cli import main
+from workflow_models import folder_bytes
 from unipeft.train.methods import known_methods
 from unipeft.train.tasks import known_tasks
 
@@ -72,16 +73,6 @@ def run(tmp_path_factory, tiny_model, files):  # noqa: F811
     return str(out)
 
 
-def _snapshot(folder) -> dict[str, bytes]:
-    found = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as fh:
-                found[os.path.relpath(path, folder)] = fh.read()
-    return found
-
-
 @pytest.fixture
 def place(tmp_path, monkeypatch, run):
     """A clean working directory holding one empty output folder; afterwards the run folder must be byte for
@@ -89,10 +80,10 @@ def place(tmp_path, monkeypatch, run):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    before = _snapshot(run)
+    before = folder_bytes(run)
     assert "metrics.json" in before and "adapter_model.safetensors" in before
     yield str(out)
-    assert _snapshot(run) == before
+    assert folder_bytes(run) == before
     assert os.listdir(out) == []
     assert os.listdir(tmp_path) == ["out"]
 

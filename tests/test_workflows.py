@@ -337,16 +337,6 @@ def test_icl_training_run_reports_the_accuracy_of_its_adapter_in_context(gpt2, t
 
 # ---- 6. resume through the CLI ----------------------------------------------------------------------------
 
-def _files(folder) -> dict[str, bytes]:
-    out = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as fh:
-                out[os.path.relpath(path, folder)] = fh.read()
-    return out
-
-
 def _evals(run) -> list[dict]:
     return [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "eval" in r]
 
@@ -387,11 +377,11 @@ def test_an_interrupted_run_resumed_ends_exactly_as_a_straight_run(bert, tmp_pat
     assert [(r["step"], r["eval"]) for r in _evals(run)] == straight_evals
     assert [r["step"] for r in _evals(run)] == [3, 6, 9, 12]
 
-    before = _files(run)
+    before = W.folder_bytes(run)
     capsys.readouterr()
     assert main(["train", *args, "--output-dir", str(run), *COMMON]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert _files(run) == before
+    assert W.folder_bytes(run) == before
 
 
 # ---- 7. options flow ------------------------------------------------------------------------------------

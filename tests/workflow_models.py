@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 
 import torch
@@ -164,3 +165,14 @@ def sentiment_rows(n: int, seed: int = 4, noise: float = 0.0) -> list[list]:
             label = 1 - label
         return [" ".join(words), label]
     return _unique(make, n, seed)
+
+
+def folder_bytes(folder) -> dict[str, bytes]:
+    """Every file under `folder` by relative path: compared before and after a refused command."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as fh:
+                found[os.path.relpath(path, folder)] = fh.read()
+    return found
