@@ -243,7 +243,7 @@ def test_single_label_and_bad_numbers(tmp_path, tiny_model, capsys):
 def test_max_length_beyond_the_model_positions(tmp_path, tiny_model, tiny_csv, capsys):
     out = tmp_path / "out"
     _fails(capsys, ["train", "--model", tiny_model, "--data", tiny_csv, "--max-length", "100", "--output-dir", str(out)],
-           "max_length 100", "(64 tokens)", out=out)
+           "--max-length 100", "(64 tokens)", out=out)
 
 
 def test_console_script_exits_2_with_message(tmp_path):
@@ -412,3 +412,19 @@ def test_bad_sentence_encoder(tmp_path, tiny_model, tiny_csv, capsys):
     _fails(capsys, ["train", "--method", "pg", "--model", tiny_model, "--data", tiny_csv, "--max-length", "16",
                     "--sentence-encoder", str(short), "--num-virtual-tokens", "8", "--output-dir", str(out)],
            "has 20 positions", "max_length 16 plus 8 encoder-prompt tokens", out=out)
+
+
+def test_the_parser_offers_exactly_the_choices_the_code_knows():
+    """cli.py spells the choices out (importing torch to build --help would be slow): they must stay the code's."""
+    from unipeft.cli import build_parser
+    from unipeft.train.generation import SEARCHES
+    from unipeft.train.run import EVAL_MODES
+    from unipeft.train.trainer import SCHEDULES
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    choices = {a.dest: tuple(a.choices) for a in train._actions if a.choices}
+    assert choices["schedule"] == SCHEDULES and choices["search"] == SEARCHES and choices["eval_mode"] == EVAL_MODES
+    precisions = {a.const for a in train._actions if a.dest == "precision"} | {train.get_default("precision")}
+    from unipeft.train.trainer import PRECISIONS
+
+    assert precisions == set(PRECISIONS)

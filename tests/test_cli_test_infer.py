@@ -56,6 +56,9 @@ def test_test_on_a_file_equals_accuracy_computed_from_peft(trained_run, tiny_mod
     data = write_csv(tmp_path / "more.csv", rows)
     assert main(["test", "--checkpoint", str(trained_run), "--data", str(data)]) == 0
     assert f"accuracy {expected:.4f} over 40 examples" in capsys.readouterr().out
+    # the same file as --test-file (the run was trained with --data: its data options give way to the files)
+    assert main(["test", "--checkpoint", str(trained_run), "--test-file", str(data)]) == 0
+    assert f"accuracy {expected:.4f} over 40 examples" in capsys.readouterr().out
 
 
 def test_infer_prints_peft_s_probabilities_for_arguments_files_and_stdin(trained_run, tiny_model, tmp_path,  # noqa: F811

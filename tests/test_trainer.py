@@ -1,4 +1,5 @@
 """The Accelerate training loop (unipeft.train.trainer) and the run reports (unipeft.train.report)."""
+import copy
 import json
 import math
 import os
@@ -12,7 +13,7 @@ import unipeft
 from workflow_models import folder_bytes
 from unipeft.train.errors import UsageError
 from unipeft.train.report import write_curves, write_summary
-from unipeft.train.trainer import LoopOptions, fit
+from unipeft.train.trainer import LoopOptions, check_options, fit
 
 QUIET = dict(device="cpu", progress=False)
 
@@ -234,8 +235,9 @@ def test_checkpoint_holds_only_the_trainable_tensors(tmp_path):
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     assert set(saved) == set(trainable(model)) and not set(saved) & frozen
     assert all(torch.equal(saved[name], value) for name, value in trainable(model).items())
-    assert {"optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"} <= set(os.listdir(folder))
+    assert {"optimizer.pt", "scheduler.pt", "rng_0.pt", "trainer_state.json"} <= set(os.listdir(folder))
     assert "best.safetensors" not in os.listdir(folder)  # no main metric, no best copy
+    assert "method_state.pt" not in os.listdir(folder)  # LoRA keeps nothing between steps
     with open(folder / "trainer_state.json") as fh:
         assert json.load(fh)["state"]["step"] == 2
 
@@ -277,13 +279,47 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path):
 
 @pytest.mark.parametrize("change, named", [
     ({"grad_accum": 0}, "grad_accum"), ({"schedule": "step"}, "step"), ({"mixed_precision": "fp8"}, "fp8"),
-    ({"mixed_precision": "fp16"}, "fp16"),  # Accelerate would run it as float32 on CPU
+    ({"weight_decay": -0.01}, "weight_decay"), ({"max_grad_norm": 0.0}, "max_grad_norm"),
+    ({"epochs": 1, "early_stopping": 2}, "needs several evaluations: more than one epoch, or --eval-every N"),
+    # Accelerate would run fp16 as float32 on a CPU: refused when the CPU is asked for, or when there is no GPU
+    ({"mixed_precision": "fp16"}, "--fp16 needs a CUDA GPU"),
+    ({"mixed_precision": "fp16", "device": None}, "--fp16 needs a CUDA GPU"),
 ])
-def test_bad_options_are_refused_before_training(tmp_path, change, named):
+def test_bad_options_are_refused_before_training(tmp_path, monkeypatch, change, named):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     run_dir = tmp_path / "run"
     with pytest.raises(UsageError, match=named):
-        fit(tiny_lora(), examples(8), collate, None, None, True, LoopOptions(**QUIET, **change), str(run_dir))
+        fit(tiny_lora(), examples(8), collate, None, None, True, LoopOptions(**{**QUIET, **change}), str(run_dir))
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("change", [
+    {"epochs": 2, "early_stopping": 1}, {"epochs": 1, "eval_every": 5, "early_stopping": 1},
+    {"max_grad_norm": None, "weight_decay": 0.0}, {"mixed_precision": "bf16"},
+])
+def test_options_at_the_limits_are_accepted(change):
+    check_options(LoopOptions(**{**QUIET, **change}))
+
+
+def test_resume_refuses_changed_fixed_values_and_accepts_equal_ones(tmp_path):
+    options = LoopOptions(epochs=1, batch_size=4, lr=1e-2, **QUIET)
+    fixed = {"data": "sst2", "max_length": 64, "model": "tiny", "labels": ("neg", "pos")}
+    fit(tiny_lora(), examples(8), collate, None, None, True, options, str(tmp_path), fixed=fixed)
+    files = folder_bytes(tmp_path)
+    changed = {**fixed, "max_length": 128, "model": "other"}
+    with pytest.raises(UsageError) as error:
+        fit(tiny_lora(), examples(8), collate, None, None, True, options, str(tmp_path), resume=True, fixed=changed)
+    message = str(error.value)
+    assert "max_length (64 in the checkpoint, 128 now)" in message
+    assert "model ('tiny' in the checkpoint, 'other' now)" in message
+    assert "data (" not in message and "labels (" not in message
+    assert folder_bytes(tmp_path) == files
+    with pytest.raises(UsageError, match=r"max_length \(64 in the checkpoint, None now\)"):
+        fit(tiny_lora(), examples(8), collate, None, None, True, options, str(tmp_path), resume=True)
+    assert folder_bytes(tmp_path) == files
+    result = fit(tiny_lora(), examples(8), collate, None, None, True, options, str(tmp_path), resume=True,
+                 fixed=dict(fixed))  # the same values (the tuple comes back from JSON as a list): accepted
+    assert result.steps == 2
 
 
 def test_log_records_and_reports(tmp_path):
@@ -394,6 +430,9 @@ def test_adalora_resumes_exactly_with_its_importance_scores_and_rank_pattern(tmp
         fit(interrupted, data, collate, evaluate_until_interrupted, "loss", False, options, run_dir, log=lambda _: None)
     saved = torch.load(os.path.join(run_dir, "checkpoint", "method_state.pt"), weights_only=True)["default"]
     assert saved["steps_run"] == 8 and any(key.startswith("importance.") for key in saved)
+    best = torch.load(os.path.join(run_dir, "checkpoint", "best_method_state.pt"), weights_only=True)["default"]
+    with open(os.path.join(run_dir, "checkpoint", "trainer_state.json")) as fh:
+        assert best["steps_run"] == json.load(fh)["state"]["best_step"]  # the step state of the best evaluation
     resumed = tiny_adalora(12)
     fit(resumed, data, collate, loss_on(resumed, held_out), "loss", False, options, run_dir, resume=True,
         log=lambda _: None)
@@ -402,3 +441,43 @@ def test_adalora_resumes_exactly_with_its_importance_scores_and_rank_pattern(tmp
     assert sum(sum(kept) for kept in straight.peft_config["default"].rank_pattern.values()) == 2 * 4  # target_r × 4 modules
     for name, value in trainable(straight).items():
         assert torch.equal(value, trainable(resumed)[name]), name
+
+
+@pytest.mark.parametrize("eval_every, interrupt_at", [
+    (2, None),  # best at step 2, before any rank is masked (no rank pattern yet)
+    (4, None),  # best at step 4, mid-way through the rank schedule
+    (4, 3),  # the same, interrupted after the checkpoint at step 8 and resumed: the best copy comes from disk
+])
+def test_adalora_best_copy_comes_back_with_its_rank_pattern(tmp_path, eval_every, interrupt_at):
+    """The best evaluation came before AdaLoRA's final allocation (step total_step - tfinal = 9): the model that
+    fit returns must have the best step's ranks, the same that save_pretrained writes and a reload builds."""
+    run_dir, models, patterns, interrupt = str(tmp_path / "run"), [tiny_adalora(12)], [], [interrupt_at]
+
+    def evaluate():
+        if len(patterns) + 1 == interrupt[0]:
+            interrupt[0] = None
+            raise Interrupted
+        patterns.append(copy.deepcopy(models[-1].peft_config["default"].rank_pattern))
+        return {"accuracy": 1.0 if len(patterns) == 1 else 0.5}  # the first evaluation is the best
+
+    options = LoopOptions(epochs=2, batch_size=4, lr=2e-2, eval_every=eval_every, **QUIET)  # 12 steps
+    if interrupt_at:
+        with pytest.raises(Interrupted):
+            fit(models[-1], examples(24), collate, evaluate, "accuracy", True, options, run_dir, log=lambda _: None)
+        models.append(tiny_adalora(12))
+    result = fit(models[-1], examples(24), collate, evaluate, "accuracy", True, options, run_dir,
+                 resume=bool(interrupt_at), log=lambda _: None)
+    model = models[-1]
+
+    assert result.best_step == eval_every
+    assert (patterns[0] is None) == (eval_every == 2)
+    assert sum(sum(kept) for kept in patterns[-1].values()) == 2 * 4  # target_r × 4 modules at the end
+    assert patterns[-1] != patterns[0]
+    assert model.peft_config["default"].rank_pattern == patterns[0]
+    model.save_pretrained(str(tmp_path / "saved"))
+    reloaded = unipeft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "saved"))
+    batch = collate(examples(8, seed=2))
+    model.eval()
+    with torch.no_grad():
+        # the stale pattern of the bug moved the logits by about 1e-5; zeroed ranks and dropped ones agree exactly
+        torch.testing.assert_close(model(**batch).logits, reloaded(**batch).logits, rtol=0, atol=1e-6)

@@ -161,7 +161,7 @@ def test_train_refuses_and_writes_nothing(case, place, tiny_model, files, capsys
 @NO_CUDA
 @pytest.mark.parametrize("flags,needle", [(["--device", "cuda"], "device 'cuda' asked for, but CUDA is not available"),
                                           (["--device", "cuda:1"], "device 'cuda:1' asked for"),
-                                          (["--fp16"], "--fp16 needs a CUDA GPU, but this run would train on cpu")])
+                                          (["--fp16"], "--fp16 needs a CUDA GPU (Accelerate would silently train in float32 on the CPU); use --bf16")])
 def test_train_refuses_an_unavailable_device_or_fp16_before_loading_the_model(flags, needle, place, tiny_model,  # noqa: F811
                                                                                files, capsys, monkeypatch):
     def no_model(*args, **kwargs):
@@ -233,3 +233,68 @@ def test_test_and_infer_refuse_an_unavailable_device(command, device, needle, pl
     monkeypatch.setattr("unipeft.train.model.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     texts = ["w1 great w2"] if command == "infer" else []
     _refused(capsys, [command, "--checkpoint", run, "--device", device, *texts], needle)
+
+
+# ---- found in review: each reached a traceback, a late failure or a silent wrong result ----------------------
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory) -> str:
+    import workflow_models as W
+
+    return W.tiny_gpt2(tmp_path_factory.mktemp("gpt2"))  # 256 positions
+
+
+def test_test_of_a_classifier_run_on_a_regression_task(place, run, tmp_path_factory, capsys):
+    sts = _write_csv(tmp_path_factory.mktemp("sts") / "sts.csv", ["sentence1", "sentence2", "label"], [("w1 great", "w2 great", 4.5)] * 3)
+    _refused(capsys, ["test", "--checkpoint", run, "--task", "stsb", "--data", sts],
+             f"stsb is a regression task, but {run} holds a classifier model; use a run trained on a regression task")
+
+
+def test_test_split_must_be_one_of_the_dataset_splits(place, run, capsys):
+    _refused(capsys, ["test", "--checkpoint", run, "--split", "labels"],
+             "unknown split 'labels'; file has test, validation, train")
+
+
+def test_in_context_prompts_longer_than_the_model_positions_are_refused_before_training(place, gpt2, files,
+                                                                                         capsys):
+    # 4 shots × 64 tokens + the query's 64 + 8 for the label word: 328 > 256 positions
+    _refused(capsys, ["train", "--model", gpt2, "--task", "sst2", "--data", files["sst2"], "--eval-mode", "icl",
+                      "--shots", "4", "--max-length", "64", "--output-dir", place],
+             "--max-length × (1 + 4 shots) plus 8 answer tokens (an evaluation prompt) 328 is longer than this model "
+             "accepts (256 tokens)")
+    _refused(capsys, ["train", "--model", gpt2, "--task", "xsum", "--data", files["docs"], "--max-length", "200",
+                      "--max-target-length", "64", "--output-dir", place],
+             "--max-length plus --max-target-length (a training prompt and its answer) 264 is longer than this model "
+             "accepts (256 tokens)")
+
+
+def test_a_file_without_usable_test_rows(place, run, tmp_path_factory, capsys):
+    empty_labels = _write_csv(tmp_path_factory.mktemp("unlabelled") / "unlabelled.csv", ["text", "label"], [("w1 great", ""), ("w2 awful", "")])
+    _refused(capsys, ["test", "--checkpoint", run, "--data", empty_labels],
+             f"{empty_labels}: no usable rows to test on")
+
+
+def test_a_missing_metric_package_is_named_before_training(place, gpt2, files, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("unipeft.train.metrics", fromlist=["PACKAGES"]).PACKAGES, "rouge2",
+                        ("no_such_module_for_rouge", "rouge-score"))
+    _refused(capsys, ["train", "--model", gpt2, "--task", "xsum", "--data", files["docs"], "--output-dir", place],
+             "this metric needs the package 'rouge-score': pip install rouge-score")
+
+
+def test_infer_on_a_pair_task_needs_the_tab(place, tiny_model, tmp_path_factory, capsys):  # noqa: F811
+    folder = tmp_path_factory.mktemp("mrpc")
+    pairs = _write_csv(folder / "pairs.csv", ["sentence1", "sentence2", "label"],
+                       [(f"w{i} great", f"w{i + 1} {'great' if i % 2 else 'awful'}", i % 2) for i in range(40)])
+    out = folder / "run"
+    assert main(["train", "--model", tiny_model, "--task", "mrpc", "--data", pairs, "--epochs", "1",
+                 "--max-length", "16", "--output-dir", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    _refused(capsys, ["infer", "--checkpoint", str(out), "w1 great w2 great"],
+             "mrpc reads two sentences a line, separated by a tab; found none in 'w1 great w2 great'")
+
+
+def test_resume_with_other_data_or_model_options_is_refused(place, run, tiny_model, files, capsys):  # noqa: F811
+    same = ["--model", tiny_model, "--data", files["csv"], "--output-dir", run, "--epochs", "1", "--batch-size", "16",
+            "--r", "4", "--no-progress", "--resume"]
+    _refused(capsys, ["train", *same, "--max-length", "16", "--split-seed", "7"],
+             "options differ from the checkpoint's: split_seed (0 in the checkpoint, 7 now)")
+    _refused(capsys, ["train", *same, "--max-length", "32"], "max_length (16 in the checkpoint, 32 now)")

@@ -365,6 +365,8 @@ def test_an_interrupted_run_resumed_ends_exactly_as_a_straight_run(bert, tmp_pat
     state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())["state"]
     assert state["step"] == 3  # the evaluation at step 6 never finished: the checkpoint is step 3's
     monkeypatch.setattr(TaskRunner, "evaluate", evaluate)
+    # as if interrupted while the next checkpoint replaced this one: only checkpoint.old is left
+    (run / "checkpoint").rename(run / "checkpoint.old")
 
     assert main(["train", *args, "--output-dir", str(run), *COMMON, "--resume"]) == 0
     resumed = json.loads((run / "metrics.json").read_text())

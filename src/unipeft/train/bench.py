@@ -34,8 +34,12 @@ def _row(method: str, folder: str, proc: subprocess.CompletedProcess) -> dict:
 
 
 def machine() -> str:
+    import torch
+
     cpus = os.cpu_count()
-    return f"{platform.system()} {platform.machine()}, {cpus} CPU core{'s' if cpus != 1 else ''}, Python {platform.python_version()}"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{platform.system()} {platform.machine()}, {cpus} CPU core{'s' if cpus != 1 else ''}{gpu}, "
+            f"Python {platform.python_version()}")
 
 
 def markdown(rows: list[dict], title: str) -> str:

@@ -8,6 +8,10 @@ from typing import Callable
 from .errors import UsageError
 from .saved_run import SavedRun, load_adapted, read_run
 
+# Which model heads can be scored on a task's kind (a causal LM answers classification with label words).
+HEADS_FOR = {"classification": ("classifier", "causal"), "regression": ("regressor",),
+             "generation": ("seq2seq", "causal")}
+
 @dataclasses.dataclass
 class EvalOptions:
     """How `test` and `infer` run a saved model; None fields take the training run's value."""
@@ -51,13 +55,14 @@ def _train_options(run: SavedRun, options: EvalOptions, need_data: bool = True):
     known = {f.name for f in dataclasses.fields(TrainOptions)}
     saved = {k: v for k, v in run.options.items() if k in known}
     given = {k: v for k, v in dataclasses.asdict(options).items() if k in known and v is not None}
-    if options.data or options.test_file:  # evaluate other rows: none of the run's data options apply
+    files = (options.data, options.train_file, options.validation_file, options.test_file)
+    if any(files):  # evaluate other rows: none of the run's data options apply
         for key in ("data", "train_file", "validation_file", "test_file", "text_column", "pair_column",
                     "label_column", "target_column", "max_eval_samples"):
             saved.pop(key, None)
         saved["max_eval_samples"] = None
     merged = TrainOptions(**{**saved, **given, "task": options.task or run.task})
-    if need_data and run.folder is not None and not run.options and not options.data and not options.test_file:
+    if need_data and run.folder is not None and not run.options and not any(files):
         raise UsageError(f"{run.folder} has no metrics.json recording the data it was trained on; pass --data FILE")
     return merged
 
@@ -75,10 +80,10 @@ def _examples(run: SavedRun, train_options, options: EvalOptions):
     else:
         task, dataset = load_run_data(train_options)
         split = options.split
-        examples = dataset.extra.get(split) if split in dataset.extra else getattr(dataset, split, None)
-        if examples is None:
-            known = ["test", "validation", *dataset.extra]
-            raise UsageError(f"unknown split {split!r}; {task.name} has {', '.join(known)}")
+        splits = {"test": dataset.test, "validation": dataset.validation, "train": dataset.train, **dataset.extra}
+        if split not in splits:
+            raise UsageError(f"unknown split {split!r}; {task.name} has {', '.join(splits)}")
+        examples = splits[split]
         source = f"{dataset.source}, {split} split (seed {train_options.split_seed})"
     if task.kind == "classification" and run.labels and dataset.labels and dataset.labels != run.labels:
         unknown = sorted(set(dataset.labels) - set(run.labels))
@@ -103,9 +108,9 @@ def _runner(run: SavedRun, task, train_options, demo_pool, tokenizer, options: E
         raise UsageError(f"--eval-mode icl needs a causal LM; {run.folder} holds a {run.head} model")
     if icl:
         check_icl_task(task)
-    if task.kind == "generation" and run.head not in ("seq2seq", "causal"):
-        raise UsageError(f"{task.name} is a generation task, but {run.folder} holds a {run.head} model; "
-                         f"use a run trained on a generation task")
+    if run.head not in HEADS_FOR[task.kind]:
+        raise UsageError(f"{task.name} is a {task.kind} task, but {run.folder} holds a {run.head} model; "
+                         f"use a run trained on a {task.kind} task")
     if icl and train_options.shots and not demo_pool:  # --data alone is all rows to score: no demonstrations
         raise UsageError(f"--eval-mode icl with --shots {train_options.shots} needs training rows to draw "
                          f"demonstrations from: pass --train-file FILE with --test-file FILE instead of --data, "

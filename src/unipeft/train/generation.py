@@ -241,11 +241,3 @@ def score_label_words(model, tokenizer, prompts: list[str], label_words: Sequenc
         scores.extend(log_probs.sum(-1).tolist())
     n = len(words)
     return [scores[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-
-def predict_classes_icl(model, tokenizer, prompts: list[str], label_words: Sequence[str], *, device="cpu",
-                        batch_size: int = 8, max_length: int) -> list[int]:
-    """The class id whose label word scores highest after each prompt (ties: the lowest id)."""
-    scores = score_label_words(model, tokenizer, prompts, label_words, device=device,
-                               batch_size=batch_size, max_length=max_length)
-    return [max(range(len(row)), key=lambda j: (row[j], -j)) for row in scores]

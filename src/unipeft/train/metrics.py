@@ -22,6 +22,19 @@ GREATER_IS_BETTER: dict[str, bool] = {
 }
 
 
+# The package behind each metric that needs one: (module to import, pip package).
+PACKAGES = {"pearson": ("scipy.stats", "scipy"), "spearman": ("scipy.stats", "scipy"),
+            "rouge1": ("rouge_score.rouge_scorer", "rouge-score"), "rouge2": ("rouge_score.rouge_scorer", "rouge-score"),
+            "rougeL": ("rouge_score.rouge_scorer", "rouge-score"), "bleu": ("sacrebleu", "sacrebleu")}
+
+
+def require_packages(names: Sequence[str]) -> None:
+    """Fail now, naming the pip package, rather than at the first evaluation after an epoch of training."""
+    for name in names:
+        if name in PACKAGES:
+            _require(*PACKAGES[name])
+
+
 def _require(module: str, package: str):
     try:
         return importlib.import_module(module)
@@ -67,7 +80,7 @@ def matthews(predictions: Sequence[int], references: Sequence[int]) -> float:
 
 def _correlation(kind: str, predictions: Sequence[float], references: Sequence[float]) -> float:
     _check(predictions, references)
-    stats = _require("scipy.stats", "scipy")
+    stats = _require(*PACKAGES["pearson"])
     predictions, references = [float(p) for p in predictions], [float(r) for r in references]
     if len(set(predictions)) < 2 or len(set(references)) < 2:
         return 0.0  # a constant series has no correlation; scipy would return NaN
@@ -86,7 +99,7 @@ def spearman(predictions: Sequence[float], references: Sequence[float]) -> float
 def rouge(predictions: Sequence[str], references: Sequence[str], types: Sequence[str]) -> dict[str, float]:
     """Mean ROUGE F-measure x 100 per type (rouge1, rouge2, rougeL), Porter-stemmed as in the XSum/CNN papers."""
     _check(predictions, references)
-    scorer_module = _require("rouge_score.rouge_scorer", "rouge-score")
+    scorer_module = _require(*PACKAGES["rouge1"])
     scorer = scorer_module.RougeScorer(list(types), use_stemmer=True)
     totals = dict.fromkeys(types, 0.0)
     for prediction, reference in zip(predictions, references):
@@ -111,7 +124,7 @@ def rougeL(predictions: Sequence[str], references: Sequence[str]) -> float:  # n
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus sacreBLEU (one reference per prediction, default 13a tokenizer), 0-100."""
     _check(predictions, references)
-    sacrebleu = _require("sacrebleu", "sacrebleu")
+    sacrebleu = _require(*PACKAGES["bleu"])
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
 
 

@@ -57,7 +57,7 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-HEADS = ("classifier", "regressor", "seq2seq", "causal")  # what the model's output layer does in a run
+# What the model's output layer does in a run, and the PEFT task type of its adapter
 TASK_TYPES = {"classifier": "SEQ_CLS", "regressor": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}
 # Encoder-only families: transformers can bolt a causal LM head on them, but they were never trained to generate.
 ENCODER_ONLY = frozenset({"bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "albert",
@@ -114,10 +114,12 @@ def load_model(name: str, labels: list[str], head: str = "classifier"):
     return model, tokenizer
 
 
-def check_max_length(max_length: int, tokenizer, model) -> None:
-    """Refuse a --max-length longer than the model's position table (it would fail mid-run)."""
+def check_max_length(length: int, tokenizer, model, what: str = "max_length") -> None:
+    """Refuse sequences longer than the model's position table (they would fail mid-run); `what` names the
+    options that make up `length` in the message."""
     limit = getattr(tokenizer, "model_max_length", None)
     if not isinstance(limit, int) or limit > 1_000_000:  # "no limit recorded" is a huge sentinel
-        limit = getattr(model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and max_length > limit:
-        raise UsageError(f"max_length {max_length} is longer than this model accepts ({limit} tokens)")
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and length > limit:
+        raise UsageError(f"{what} {length} is longer than this model accepts ({limit} tokens)")

@@ -21,7 +21,6 @@ from .methods import IDPG_METHODS, PROMPT_METHODS, check_method, default_lr, met
 
 METRICS_FILE = "metrics.json"
 EVAL_MODES = ("sft", "icl")
-PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -87,27 +86,46 @@ def default_output_dir(root: str = "runs") -> str:
 
 
 def _check_options(options: TrainOptions) -> None:
-    for name in ("epochs", "batch_size", "max_length", "grad_accum", "num_beams", "max_target_length"):
+    """Every option a run reads, before anything loads (the loop's own in trainer.check_options)."""
+    from .generation import SEARCHES
+    from .trainer import check_options
+
+    for name in ("max_length", "num_beams", "max_target_length"):
         if getattr(options, name) < 1:
             raise UsageError(f"{name} must be at least 1, got {getattr(options, name)}")
-    if options.lr is not None and not options.lr > 0:
-        raise UsageError(f"lr must be positive, got {options.lr}")
-    for name in ("max_train_samples", "max_eval_samples", "eval_every", "early_stopping", "max_new_tokens"):
+    for name in ("max_train_samples", "max_eval_samples", "max_new_tokens"):
         value = getattr(options, name)
         if value is not None and value < 1:
             raise UsageError(f"{name} must be at least 1 (or None), got {value}")
     if options.shots < 0:
         raise UsageError(f"shots must be 0 or more, got {options.shots}")
-    for name, allowed in (("eval_mode", EVAL_MODES), ("precision", PRECISIONS), ("search", ("greedy", "beam")),
-                          ("schedule", ("linear", "cosine", "constant"))):
+    for name, allowed in (("eval_mode", EVAL_MODES), ("search", SEARCHES)):
         if getattr(options, name) not in allowed:
             raise UsageError(f"unknown {name} {getattr(options, name)!r}; choose one of {', '.join(allowed)}")
-    if options.early_stopping is not None and options.eval_every is None and options.epochs < 2:
-        raise UsageError("--early-stopping needs several evaluations: more than one epoch, or --eval-every N")
     device = resolve_device(options.device)  # an unknown or missing device fails before anything loads
-    if options.precision == "fp16" and device.type != "cuda":
-        raise UsageError(f"--fp16 needs a CUDA GPU, but this run would train on {device.type}; use --bf16, or "
-                         f"neither")
+    check_options(loop_options(options, device))
+
+
+def loop_options(options: TrainOptions, device):
+    """The training loop's options of a run (the method's default learning rate unless --lr is given)."""
+    from .trainer import LoopOptions
+
+    lr = options.lr if options.lr is not None else default_lr(options.method)
+    return LoopOptions(epochs=options.epochs, batch_size=options.batch_size, lr=lr, weight_decay=options.weight_decay,
+                       warmup_ratio=options.warmup_ratio, schedule=options.schedule, grad_accum=options.grad_accum,
+                       eval_every=options.eval_every, early_stopping=options.early_stopping,
+                       mixed_precision=options.precision, seed=options.seed, progress=options.progress,
+                       device=device.type)
+
+
+# What --resume may change: where and how it runs and reports, how it evaluates. Everything else decides the
+# data, the model or the training, and must be what the checkpoint was written with.
+RESUME_MAY_CHANGE = ("output_dir", "resume", "progress", "device", "precision", "eval_every", "early_stopping",
+                     "search", "num_beams", "max_new_tokens", "total_steps", "task_type")
+
+
+def _fixed_on_resume(options: TrainOptions) -> dict:
+    return {k: v for k, v in dataclasses.asdict(options).items() if k not in RESUME_MAY_CHANGE}
 
 
 def _check_output_dir(path: str, resume: bool) -> None:
@@ -116,11 +134,12 @@ def _check_output_dir(path: str, resume: bool) -> None:
 
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"output path {path} exists and is not a folder")
-    has_run = os.path.isdir(path) and any(os.path.exists(os.path.join(path, name))
-                                          for name in (METRICS_FILE, CHECKPOINT))
+    # checkpoint.old: a checkpoint interrupted while being replaced (the trainer resumes from it)
+    checkpoints = [os.path.join(path, name) for name in (CHECKPOINT, CHECKPOINT + ".old")]
+    has_run = os.path.exists(os.path.join(path, METRICS_FILE)) or any(map(os.path.isdir, checkpoints))
     if resume and not os.path.exists(path):
         raise UsageError(f"--resume: {path} does not exist; give the --output-dir of an interrupted run")
-    if resume and not os.path.isdir(os.path.join(path, CHECKPOINT)):
+    if resume and not any(map(os.path.isdir, checkpoints)):
         raise UsageError(f"--resume: {path} holds no {CHECKPOINT}/ to continue from; give the --output-dir of "
                          f"an interrupted run")
     if has_run and not resume:
@@ -258,9 +277,20 @@ def choose_head(task, eval_mode: str, model_name: str) -> str:
     return "regressor" if task.kind == "regression" else "classifier"
 
 
+def num_processes() -> int:
+    """Processes training together (torchrun and `accelerate launch` set WORLD_SIZE); 1 otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def optimizer_steps(num_examples: int, options: TrainOptions) -> int:
+    """Optimizer steps of the whole run: each process takes every num_processes()-th batch of batch_size rows."""
     batches = -(-num_examples // options.batch_size)
-    return options.epochs * -(-batches // options.grad_accum)
+    per_process = -(-batches // num_processes())
+    return options.epochs * -(-per_process // options.grad_accum)
 
 
 def _format(metrics: dict[str, float]) -> str:
@@ -273,12 +303,20 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     started = time.perf_counter()
     method = check_method(options.method)
     _check_options(options)
+    if num_processes() > 1 and not options.output_dir:
+        raise UsageError("several processes must agree on the run folder: pass --output-dir")
+    if not is_main_process():  # the other processes train and evaluate alike but write and print nothing
+        log = _silent
     output_dir = options.output_dir or default_output_dir()
     _check_output_dir(output_dir, options.resume)
     # fails on a bad knob before anything slow happens (the run takes at least one step per epoch)
     method_config(dataclasses.replace(options, total_steps=options.epochs))
 
     task, dataset = load_run_data(options)
+    require_packages(task.metrics)
+    for name in ("train", "validation"):
+        if not getattr(dataset, name):
+            raise UsageError(f"{dataset.source}: no usable rows left for the {name} split")
     log(f"task: {task.name} ({task.kind}; metrics: {', '.join(task.metrics)}); data: {dataset.source}")
     for note in dataset.notes:
         log(f"  note: {note}")
@@ -292,9 +330,9 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     from .data import majority_label
     from .generation import pick_demos
     from .metrics import GREATER_IS_BETTER
-    from .model import TASK_TYPES, check_max_length, load_model, resolve_model
+    from .model import TASK_TYPES, load_model, resolve_model
     from .task_runner import TaskRunner
-    from .trainer import LoopOptions, fit
+    from .trainer import fit
 
     device = resolve_device(options.device)
     if device.type == "cuda" and device.index is not None:
@@ -303,7 +341,7 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     head = choose_head(task, options.eval_mode, model_name)
     torch.manual_seed(options.seed)  # the new head and the adapter start from seeded random values
     model, tokenizer = load_model(model_name, dataset.labels, head)
-    check_max_length(options.max_length, tokenizer, model)
+    _check_lengths(options, task, head, tokenizer, model)
     if method in PROMPT_METHODS:
         _check_room_for_virtual_tokens(options, model)
     if method in IDPG_METHODS and options.sentence_encoder:
@@ -329,25 +367,23 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     runner = TaskRunner(task, head, tokenizer, options.max_length, options.max_target_length, dataset.labels, demos,
                         options.search, options.num_beams, options.max_new_tokens, options.batch_size)
     main_metric = task.metrics[0]
-    lr = options.lr if options.lr is not None else default_lr(method)
-    loop = LoopOptions(epochs=options.epochs, batch_size=options.batch_size, lr=lr, weight_decay=options.weight_decay,
-                       warmup_ratio=options.warmup_ratio, schedule=options.schedule, grad_accum=options.grad_accum,
-                       eval_every=options.eval_every, early_stopping=options.early_stopping,
-                       mixed_precision=options.precision, seed=options.seed, progress=options.progress,
-                       device=device.type)
+    loop = loop_options(options, device)
     result = fit(peft_model, dataset.train, runner.collate(), lambda: runner.evaluate(peft_model, dataset.validation),
-                 main_metric, GREATER_IS_BETTER[main_metric], loop, output_dir, resume=options.resume, log=log)
+                 main_metric, GREATER_IS_BETTER[main_metric], loop, output_dir, resume=options.resume, log=log,
+                 fixed=_fixed_on_resume(options))
     validation = result.best_metrics or runner.evaluate(peft_model, dataset.validation)
-    test = runner.evaluate(peft_model, dataset.test)
-    extra = {name: runner.evaluate(peft_model, examples) for name, examples in dataset.extra.items()}
+    with _autocast(device, options.precision):  # as the validation evaluations inside fit ran
+        test = runner.evaluate(peft_model, dataset.test)
+        extra = {name: runner.evaluate(peft_model, examples) for name, examples in dataset.extra.items()}
     log(f"validation ({'best, step ' + str(result.best_step) if result.best_metrics else 'last'}): {_format(validation)}")
     log(f"test: {_format(test)}")
     for name, values in extra.items():
         log(f"{name}: {_format(values)}")
 
-    peft_model.save_pretrained(output_dir)
-    if config is None:
-        tokenizer.save_pretrained(output_dir)
+    if is_main_process():
+        peft_model.save_pretrained(output_dir)
+        if config is None:
+            tokenizer.save_pretrained(output_dir)
     metrics = {
         "task": task.name,
         "kind": task.kind,
@@ -370,7 +406,7 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         "trainable_percent": 100 * trainable / total,
-        "lr": lr,
+        "lr": loop.lr,
         "steps": result.steps,
         "device": str(device),
         "train_seconds": result.train_seconds,
@@ -386,10 +422,51 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
                     "majority_baseline": sum(e.label == majority for e in dataset.test) / len(dataset.test)}
         log(f"majority-class baseline (always {dataset.labels[majority]!r}): test accuracy "
             f"{metrics['majority_baseline']:.4f}")
-    _write_reports(metrics, result.history, output_dir)
+    if is_main_process():
+        _write_reports(metrics, result.history, output_dir)
     log(f"saved {'model' if config is None else 'adapter'}, {METRICS_FILE}, summary.md and curves.png to {output_dir} "
         f"({metrics['total_seconds']:.0f} s in all, {result.train_seconds:.0f} s training)")
     return metrics
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _autocast(device, precision: str):
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=precision != "no")
+
+
+def require_packages(metric_names) -> None:
+    """The packages a run needs beyond torch and transformers, checked before it trains."""
+    from .metrics import require_packages as require_metric_packages
+    from .report import new_figure
+
+    require_metric_packages(metric_names)
+    new_figure()  # curves.png
+
+
+ANSWER_ROOM = 8  # tokens a label word may take after an evaluation prompt
+
+
+def _check_lengths(options: TrainOptions, task, head: str, tokenizer, model) -> None:
+    """Every sequence the run feeds the model must fit its position table, or the run would fail mid-way:
+    the inputs; for a causal LM also prompt + answer in training, and the (in-context) prompt + what it
+    generates or the label word it scores in evaluation."""
+    from .model import check_max_length
+
+    check_max_length(options.max_length, tokenizer, model, "--max-length")
+    if head != "causal":
+        return
+    check_max_length(options.max_length + options.max_target_length, tokenizer, model,
+                     "--max-length plus --max-target-length (a training prompt and its answer)")
+    shots = options.shots if options.eval_mode == "icl" else 0
+    answer = options.max_new_tokens or (task.max_new_tokens if task.kind == "generation" else ANSWER_ROOM)
+    check_max_length(options.max_length * (1 + shots) + answer, tokenizer, model,
+                     f"--max-length × (1 + {shots} shots) plus {answer} answer tokens (an evaluation prompt)")
 
 
 def _epoch_records(history: list[dict]) -> list[dict]:

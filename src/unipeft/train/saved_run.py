@@ -17,7 +17,6 @@ from .run import METRICS_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"  # a whole saved model (`--method full`)
-HEAD_OF_TASK_TYPE = {"SEQ_CLS": "classifier", "SEQ_2_SEQ_LM": "seq2seq", "CAUSAL_LM": "causal"}
 
 
 @dataclass
@@ -29,6 +28,14 @@ class SavedRun:
     full: bool = False  # the folder holds the whole fine-tuned model, not an adapter
     task: str | None = None  # the task it was trained on (None: a classification file, or unknown)
     head: str = "classifier"
+
+
+def _head_of_task_type(task_type) -> str:
+    """An adapter from elsewhere: its task type tells the head (SEQ_CLS: a classifier, not a regressor)."""
+    from .model import TASK_TYPES
+
+    heads = {kind: head for head, kind in TASK_TYPES.items() if head != "regressor"}
+    return heads.get(str(task_type), "classifier")
 
 
 def read_run(folder: str, model: str | None = None, labels: list[str] | None = None) -> SavedRun:
@@ -44,7 +51,7 @@ def read_run(folder: str, model: str | None = None, labels: list[str] | None = N
     metrics = read_json_object(metrics_path, "run metrics") if os.path.isfile(metrics_path) else {}
     adapter = {} if full else read_json_object(os.path.join(folder, ADAPTER_CONFIG), "adapter config")
     model = folder if full else model or metrics.get("model") or adapter.get("base_model_name_or_path")
-    head = metrics.get("head") or HEAD_OF_TASK_TYPE.get(str(adapter.get("task_type")), "classifier")
+    head = metrics.get("head") or _head_of_task_type(adapter.get("task_type"))
     labels = labels or metrics.get("labels") or []
     if not model:
         raise UsageError(f"{folder} does not name its base model; pass --model NAME_OR_FOLDER")

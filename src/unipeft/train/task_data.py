@@ -278,5 +278,8 @@ def load_task_dataset(task: Task | str, data=None, *, train_file=None, validatio
         take = data_mod._limit if data is not None else lambda items, limit: _pick(items, limit, split_seed)
         parts = {name: take(records, limits.get(name, max_eval_samples)) for name, records in parts.items()}
     examples = {name: _examples(task, records, ids) for name, records in parts.items()}
+    if not examples["test"]:
+        raise UsageError(f"{source}: no usable rows to test on (every row lacks its text or its "
+                         f"{task.label_column or task.target_column})")
     return Dataset(train=examples.pop("train"), validation=examples.pop("validation"), test=examples.pop("test"),
                    labels=labels, source=source, notes=notes, extra=examples)

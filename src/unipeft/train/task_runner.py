@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from .data import Example
+from .errors import UsageError
 from .metrics import compute_metrics
 from .tasks import Task
 
@@ -128,6 +129,9 @@ class TaskRunner:
 
     def _example(self, text: str) -> Example:
         if self.task.pair_column:
-            first, _, second = text.partition(PAIR_SEPARATOR)
+            first, tab, second = text.partition(PAIR_SEPARATOR)
+            if not tab:
+                raise UsageError(f"{self.task.name} reads two sentences a line, separated by a tab; found none in "
+                                 f"{text[:60]!r}")
             return Example(first, text_pair=second)
         return Example(text)

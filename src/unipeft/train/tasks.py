@@ -110,9 +110,9 @@ MNLI = dict(labels=("entailment", "neutral", "contradiction"), label_words=("yes
 
 _TASKS = [
     Task(name="tweets", kind="classification", metrics=("accuracy",), text_column=data_mod.CORPUS_TEXT_COLUMN,
-         label_column=data_mod.CORPUS_LABEL_COLUMN, label_words=("negative", "neutral", "positive"),
-         prompt_template="Tweet: {text}\nSentiment:", source_prefix="sentiment: ",
-         description="tweet sentiment, 3 classes (the embedded corpus; labels read from it, in sorted order)"),
+         label_column=data_mod.CORPUS_LABEL_COLUMN, labels=("negative", "neutral", "positive"),
+         label_words=("negative", "neutral", "positive"), prompt_template="Tweet: {text}\nSentiment:",
+         source_prefix="sentiment: ", description="tweet sentiment: negative, neutral or positive (the embedded corpus)"),
     _glue("cola", "cola", ("unacceptable", "acceptable"), ("no", "yes"), "sentence", None, ("matthews", "accuracy"),
           "Sentence: {text}\nGrammatical:", "GLUE CoLA: is the sentence grammatical (Matthews correlation)"),
     _glue("sst2", "sst2", ("negative", "positive"), ("negative", "positive"), "sentence", None, ("accuracy",),
@@ -126,7 +126,8 @@ _TASKS = [
           "GLUE STS-B: sentence similarity from 0 to 5, regression (Pearson)"),
     _glue("mnli", "mnli", description="GLUE MNLI: entailment, neutral or contradiction (matched; mismatched extra)",
           **MNLI),
-    _glue("mnli-10pct", "mnli", train_fraction=0.1, description="GLUE MNLI with a seeded 10% of its train split",
+    _glue("mnli-10pct", "mnli", train_fraction=0.1, description="GLUE MNLI trained on a seeded 10% of its train split (39,270 rows; below that "
+                                                          "--max-train-samples picks the same rows as mnli)",
           **MNLI),
     _glue("qnli", "qnli", ("entailment", "not_entailment"), ("yes", "no"), "question", "sentence", ("accuracy",),
           "Question: {text}\nSentence: {text_pair}\nAnswered:", "GLUE QNLI: does the sentence answer the question"),

@@ -2,9 +2,13 @@
 
     trainable.safetensors   the trainable tensors by parameter name (adapter and head; the whole model for full)
     best.safetensors        the best evaluation's copy of them, when there is one
-    optimizer.pt, scheduler.pt, rng.pt   their states (python, numpy, torch CPU and CUDA generators)
-    method_state.pt         what adapter methods keep between steps (AdaLoRA's importance scores), when any
-    trainer_state.json      position, best tracking, history and the options that must not change on resume
+    optimizer.pt, scheduler.pt   their states
+    rng_<i>.pt              process i's generators (python, numpy, torch CPU and CUDA), one file per process
+    method_state.pt         what adapter methods keep between steps (AdaLoRA's importance scores and rank
+                            pattern), only when a method keeps any
+    best_method_state.pt    the same at the best evaluation, kept with best.safetensors, when both exist
+    trainer_state.json      position, best tracking, history, the options and the caller's `fixed` values
+                            that must not change on resume
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ CHECKPOINT = "checkpoint"
 # Options that decide the data order, the schedule or the optimizer: a resume must use the checkpoint's values.
 FIXED_ON_RESUME = ("epochs", "batch_size", "grad_accum", "seed", "schedule", "warmup_ratio", "warmup_steps",
                    "lr", "weight_decay")
-OPTIONAL_FILES = ("best.safetensors", "method_state.pt")
+OPTIONAL_FILES = ("best.safetensors", "method_state.pt", "best_method_state.pt")
 
 
 @dataclass
@@ -121,6 +125,23 @@ def write_checkpoint(run_dir: str, files: dict[str, bytes]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def rng_file(process_index: int) -> str:
+    return f"rng_{process_index}.pt"
+
+
+def _read(folder: str, name: str, read, contents: dict) -> None:
+    path = os.path.join(folder, name)
+    if name in OPTIONAL_FILES and not os.path.exists(path):
+        return
+    try:
+        with open(path, "rb") as fh:
+            contents[name] = read(fh.read())
+    except FileNotFoundError:
+        raise UsageError(f"cannot resume from {folder}: {name} is missing") from None
+    except Exception as exc:  # any parse failure means a damaged file
+        raise UsageError(f"cannot resume from {folder}: {name} is damaged ({type(exc).__name__}: {exc})") from None
+
+
 def read_checkpoint(run_dir: str) -> tuple[str, dict]:
     """checkpoint/'s contents, every file parsed; UsageError naming the folder and the file that is wrong."""
     folder = os.path.join(run_dir, CHECKPOINT)
@@ -128,40 +149,42 @@ def read_checkpoint(run_dir: str) -> tuple[str, dict]:
         folder += ".old"
     if not os.path.isdir(folder):
         raise UsageError(f"cannot resume: no checkpoint folder {folder}")
+    def torch_load(data: bytes):
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
     readers = {
         "trainer_state.json": lambda data: json.loads(data.decode("utf-8")),
         "trainable.safetensors": safetensors_load,
-        "optimizer.pt": lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
-        "scheduler.pt": lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
-        "rng.pt": lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
+        "optimizer.pt": torch_load,
+        "scheduler.pt": torch_load,
         "best.safetensors": safetensors_load,
-        "method_state.pt": lambda data: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
+        "method_state.pt": torch_load,
+        "best_method_state.pt": torch_load,
     }
     contents = {}
     for name, read in readers.items():
-        path = os.path.join(folder, name)
-        if name in OPTIONAL_FILES and not os.path.exists(path):
-            continue
-        try:
-            with open(path, "rb") as fh:
-                contents[name] = read(fh.read())
-        except FileNotFoundError:
-            raise UsageError(f"cannot resume from {folder}: {name} is missing") from None
-        except Exception as exc:  # any parse failure means a damaged file
-            raise UsageError(f"cannot resume from {folder}: {name} is damaged ({type(exc).__name__}: {exc})") from None
+        _read(folder, name, read, contents)
     saved = contents["trainer_state.json"]
     try:
         contents["state"] = TrainState(**saved["state"])
         contents["options"] = dict(saved["options"])
+        contents["fixed"] = dict(saved.get("fixed") or {})
         contents["num_processes"] = int(saved["num_processes"])
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"cannot resume from {folder}: trainer_state.json is damaged ({exc})") from None
+    for index in range(contents["num_processes"]):
+        _read(folder, rng_file(index), torch_load, contents)
     return folder, contents
 
 
-def check_resume(folder: str, contents: dict, model, options, num_processes: int) -> None:
+def check_resume(folder: str, contents: dict, model, options, num_processes: int, fixed: dict) -> None:
+    """UsageError unless the run can continue from `contents`: the same FIXED_ON_RESUME options, the same
+    caller's `fixed` values (JSON-normalised), the same number of processes, and tensors that fit the model."""
     changed = [f"{name} ({contents['options'].get(name)!r} in the checkpoint, {getattr(options, name)!r} now)"
                for name in FIXED_ON_RESUME if contents["options"].get(name) != getattr(options, name)]
+    changed += [f"{name} ({contents['fixed'].get(name)!r} in the checkpoint, {fixed.get(name)!r} now)"
+                for name in sorted(set(contents["fixed"]) | set(fixed))
+                if contents["fixed"].get(name) != fixed.get(name)]
     if changed:
         raise UsageError(f"cannot resume from {folder}: options differ from the checkpoint's: {', '.join(changed)}; "
                          f"resume with the same options")

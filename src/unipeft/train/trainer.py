@@ -4,8 +4,10 @@
 
 `collate(list of examples) -> dict of tensors` builds a batch; `evaluate() -> {metric: value}` evaluates the
 current model (it is called at every checkpoint point: every `eval_every` optimizer steps, or at each epoch's end,
-and at the very end; under several processes it runs on each and must return the same, gathered, metrics).
-The best evaluation by `main_metric` is loaded back into the model before `fit` returns.
+and at the very end). Under several processes every process calls it and evaluates every example itself (it sees
+the whole split, nothing is sharded), so all processes get the same metrics and pick the same best step.
+The best evaluation by `main_metric` is loaded back into the model before `fit` returns, with the adapter
+methods' step state of that moment (AdaLoRA's rank pattern), so the model matches what it saves.
 
 Files written (by the main process) in run_dir:
     log.jsonl      one JSON record a line. Training: {"step", "epoch", "loss", "lr", "examples_per_second"}, the mean
@@ -14,14 +16,19 @@ Files written (by the main process) in run_dir:
                    (1.5: half-way through the second epoch).
     checkpoint/    replaced atomically at each checkpoint point and at the end; adapter-only (trainable tensors):
                    trainable.safetensors (by parameter name), best.safetensors (the best copy, if any),
-                   optimizer.pt, scheduler.pt, rng.pt (python, numpy, torch CPU and CUDA generators),
-                   trainer_state.json (step, epoch, batches consumed, best tracking, history, options)
+                   optimizer.pt, scheduler.pt, rng_<i>.pt (process i's python, numpy, torch CPU and CUDA
+                   generators), method_state.pt and best_method_state.pt (the adapter methods' step state now
+                   and at the best evaluation, only for a method that keeps one, e.g. AdaLoRA),
+                   trainer_state.json (step, epoch, batches consumed, best tracking, history, options, fixed)
 
 `resume=True` continues from checkpoint/ exactly (same data order, optimizer, schedule, RNG and best tracking);
 log.jsonl is rewritten from the checkpoint's history, so records written after the checkpoint are dropped.
+`fixed` holds the caller's JSON values that must not change on resume (its data and model options); they are
+kept in trainer_state.json and a resume with other values is refused before anything is written.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -39,11 +46,13 @@ from tqdm.auto import tqdm
 from .errors import UsageError
 from .batches import make_optimizer
 from .train_state import (CHECKPOINT, TrainState, check_resume, cpu_copy, load_trainable, read_checkpoint,
-                          rng_state, set_rng_state, torch_bytes, write_checkpoint)
+                          rng_file, rng_state, set_rng_state, torch_bytes, write_checkpoint)
 
 LOG = "log.jsonl"
-SCHEDULES = ("linear", "cosine", "constant")
-PRECISIONS = ("no", "bf16", "fp16")
+SCHEDULES = ("linear", "cosine", "constant")  # the learning-rate schedules (after warm-up)
+PRECISIONS = ("no", "bf16", "fp16")  # the mixed_precision values
+FP16_ON_CPU = ("--fp16 needs a CUDA GPU (Accelerate would silently train in float32 on the CPU); use --bf16, "
+               "or neither")
 
 
 @dataclass
@@ -98,6 +107,7 @@ def warmup_steps(options: LoopOptions, total: int) -> int:
 
 
 def check_options(options: LoopOptions) -> None:
+    """UsageError for any LoopOptions value the loop cannot run with; nothing is loaded or written first."""
     for name in ("epochs", "batch_size", "grad_accum", "log_every"):
         if getattr(options, name) < 1:
             raise UsageError(f"{name} must be at least 1, got {getattr(options, name)}")
@@ -115,6 +125,15 @@ def check_options(options: LoopOptions) -> None:
         raise UsageError(f"warmup_steps must be at least 0, got {options.warmup_steps}")
     if not options.lr > 0:
         raise UsageError(f"lr must be positive, got {options.lr}")
+    if not options.weight_decay >= 0:
+        raise UsageError(f"weight_decay must be at least 0, got {options.weight_decay}")
+    if options.max_grad_norm is not None and not options.max_grad_norm > 0:
+        raise UsageError(f"max_grad_norm must be positive (or None: no clipping), got {options.max_grad_norm}")
+    if options.early_stopping is not None and options.eval_every is None and options.epochs < 2:
+        raise UsageError("--early-stopping needs several evaluations: more than one epoch, or --eval-every N")
+    if options.mixed_precision == "fp16" and (options.device == "cpu"
+                                              or options.device is None and not torch.cuda.is_available()):
+        raise UsageError(FP16_ON_CPU)
 
 
 def _accelerator(options: LoopOptions):
@@ -136,10 +155,8 @@ def _accelerator(options: LoopOptions):
     device = accelerator.device.type
     if options.device == "cuda" and device != "cuda":
         raise UsageError(f"device 'cuda' asked for, but Accelerate runs on {device}")
-    if options.mixed_precision == "fp16" and device == "cpu":
-        # Accelerate accepts fp16 on CPU but then trains in float32 without saying so.
-        raise UsageError("mixed_precision 'fp16' is not available on cpu (Accelerate would silently train in "
-                         "float32); use mixed_precision='bf16' or 'no' on cpu, or train on a CUDA GPU")
+    if options.mixed_precision == "fp16" and device == "cpu":  # check_options catches the usual cases earlier
+        raise UsageError(FP16_ON_CPU)
     return accelerator
 
 
@@ -166,9 +183,10 @@ def _improved(value: float, best: float | None, greater_is_better: bool) -> bool
 
 def fit(model, train_examples: list, collate: Callable[[list], dict], evaluate: Callable[[], dict] | None,
         main_metric: str | None, greater_is_better: bool, options: LoopOptions, run_dir: str,
-        resume: bool = False, log: Callable[[str], None] = print) -> FitResult:
+        resume: bool = False, log: Callable[[str], None] = print, fixed: dict | None = None) -> FitResult:
     """Train `model` on `train_examples`; see the module docstring. Returns the run's FitResult."""
     check_options(options)
+    fixed = json.loads(json.dumps(fixed or {}))  # as trainer_state.json will hold it (tuples become lists)
     if not train_examples:
         raise UsageError("no training examples")
     if main_metric is not None and evaluate is None:
@@ -179,10 +197,10 @@ def fit(model, train_examples: list, collate: Callable[[list], dict], evaluate: 
     contents = None
     if resume:
         folder, contents = read_checkpoint(run_dir)
-        check_resume(folder, contents, model, options, accelerator.num_processes)
+        check_resume(folder, contents, model, options, accelerator.num_processes, fixed)
     try:
         return _Fit(accelerator, model, train_examples, collate, evaluate, main_metric, greater_is_better,
-                    options, run_dir, log, contents).run()
+                    options, run_dir, log, contents, fixed).run()
     finally:
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drops the autocast wrapper from forward
         accelerator.free_memory()
@@ -192,14 +210,16 @@ class _Fit:
     """One call of `fit`: the prepared objects and the loop over them."""
 
     def __init__(self, accelerator, model, examples, collate, evaluate, main_metric, greater_is_better,
-                 options, run_dir, log, contents):
+                 options, run_dir, log, contents, fixed):
         self.accelerator, self.examples, self.collate, self.options = accelerator, examples, collate, options
+        self.fixed = fixed
         self.evaluate, self.main_metric, self.greater = evaluate, main_metric, greater_is_better
         self.run_dir, self.log_path = run_dir, os.path.join(run_dir, LOG)
         self.main = accelerator.is_main_process
         self.log = log if self.main else (lambda message: None)
         self.state = contents["state"] if contents else TrainState()
         self.best = contents.get("best.safetensors") if contents else None
+        self.best_method_state = contents.get("best_method_state.pt") if contents else None  # goes with self.best
         if contents:
             load_trainable(model, contents["trainable.safetensors"])
         if accelerator.device.type == "cuda":
@@ -219,7 +239,8 @@ class _Fit:
         unwrapped = accelerator.unwrap_model(self.model)
         adapters = getattr(unwrapped, "base_model", None)
         self.allocate = getattr(adapters, "update_and_allocate", None)
-        self.step_state = getattr(adapters, "step_state_dict", None)
+        self.step_state = getattr(adapters, "step_state_dict", lambda: {})
+        self.load_step_state = getattr(adapters, "load_step_state_dict", None)
 
         if self.main:
             os.makedirs(run_dir, exist_ok=True)
@@ -230,8 +251,9 @@ class _Fit:
             self.optimizer.load_state_dict(contents["optimizer.pt"])
             self.scheduler.load_state_dict(contents["scheduler.pt"])
             if "method_state.pt" in contents:
-                adapters.load_step_state_dict(contents["method_state.pt"])
-            set_rng_state(contents["rng.pt"])  # last, so nothing above draws from the restored generators
+                self.load_step_state(contents["method_state.pt"])
+            # last, so nothing above draws from the restored generators
+            set_rng_state(contents[rng_file(accelerator.process_index)])
             self.log(f"resumed from {CHECKPOINT}/ at step {self.state.step} (epoch {self.state.epoch + 1}, "
                      f"batch {self.state.consumed})")
 
@@ -332,8 +354,11 @@ class _Fit:
             if self.main_metric is not None:
                 self._track_best(metrics)
         state.checkpoint_step = state.step
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object([rng_state()])  # every process's, in process order (all processes call it)
         if self.main:
-            self._save()
+            self._save(rng_states)
         self.accelerator.wait_for_everyone()
         self.paused += time.perf_counter() - started
         self.window["start"] = time.perf_counter()
@@ -347,6 +372,7 @@ class _Fit:
         if _improved(metrics[self.main_metric], best, self.greater):
             state.best_metrics, state.best_step, state.bad_evals = metrics, state.step, 0
             self.best = cpu_copy(self.accelerator.unwrap_model(self.model))
+            self.best_method_state = copy.deepcopy(self.step_state())
         else:
             state.bad_evals += 1
             if self.options.early_stopping is not None and state.bad_evals >= self.options.early_stopping:
@@ -354,26 +380,32 @@ class _Fit:
                 self.log(f"early stopping at step {state.step}: {state.bad_evals} evaluations without improving "
                          f"{self.main_metric} (best at step {state.best_step})")
 
-    def _save(self) -> None:
+    def _save(self, rng_states: list[dict]) -> None:
         files = {
             "trainable.safetensors": safetensors_save(cpu_copy(self.accelerator.unwrap_model(self.model))),
             "optimizer.pt": torch_bytes(self.optimizer.state_dict()),
             "scheduler.pt": torch_bytes(self.scheduler.state_dict()),
-            "rng.pt": torch_bytes(rng_state()),
             "trainer_state.json": json.dumps({"state": dataclasses.asdict(self.state),
-                                              "options": dataclasses.asdict(self.options),
+                                              "options": dataclasses.asdict(self.options), "fixed": self.fixed,
                                               "num_processes": self.accelerator.num_processes}).encode("utf-8"),
         }
+        for index, state in enumerate(rng_states):
+            files[rng_file(index)] = torch_bytes(state)
         if self.best is not None:
             files["best.safetensors"] = safetensors_save(self.best)
-        if self.step_state:
-            files["method_state.pt"] = torch_bytes(self.step_state())
+        method_state = self.step_state()
+        if method_state:  # only a method that keeps state between steps (AdaLoRA) has a file
+            files["method_state.pt"] = torch_bytes(method_state)
+        if self.best is not None and self.best_method_state:
+            files["best_method_state.pt"] = torch_bytes(self.best_method_state)
         write_checkpoint(self.run_dir, files)
 
     def _finish(self) -> FitResult:
         state = self.state
         if self.best is not None:
             load_trainable(self.accelerator.unwrap_model(self.model), self.best)
+            if self.best_method_state:  # the rank pattern (AdaLoRA) that goes with those tensors
+                self.load_step_state(self.best_method_state)
             self.log(f"loaded the best evaluation's parameters (step {state.best_step})")
         return FitResult(history=list(state.history), best_metrics=state.best_metrics, best_step=state.best_step,
                          steps=state.step, epochs_run=self._epoch_progress(),
