@@ -54,3 +54,20 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
     head, rest = text.split(START, 1)
     with open(README, "w", encoding="utf-8") as fh:
         fh.write(head + START + render() + END + rest.split(END, 1)[1])
+
+
+def test_readme_engine_matrix_marks_passed_exactly_what_test_distributed_runs():
+    """The "passed" row names the methods tests/test_distributed.py trains on every engine it launches; every
+    other method of the library's list is "not run" (no silent gaps)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "distributed"))
+    import matrix
+    from unipeft.train.methods import known_methods
+
+    text = open(README, encoding="utf-8").read().split("## Scale out", 1)[1].split("\n## ", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    header, body = rows[0], rows[1:]
+    assert header == ["method", "DDP", "bf16", "FSDP", "ZeRO-1", "ZeRO-2", "ZeRO-3"]
+    assert [name.lower().replace("-", "") for name in header[1:]] == list(matrix.ENGINES)
+    status = {method: row[1:] for row in body for method in row[0].split(", ")}
+    assert {m for m, cells in status.items() if cells == ["passed"] * 6} == set(matrix.METHODS)
+    assert {m for m, cells in status.items() if cells == ["not run"] * 6} == set(known_methods()) - set(matrix.METHODS)

@@ -137,6 +137,10 @@ def add_train_parser(subparsers) -> None:
     precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16", help="float16 mixed precision")
     how.add_argument("--seed", type=int, default=d.seed, help="seed of the head and adapter initialisation and batch order (default: %(default)s)")
     how.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    how.add_argument("--engine", default=None, metavar="ddp|fsdp|FILE.json",
+                     help="ddp, fsdp (FSDP2, one unit per transformer block), or a DeepSpeed config file such as "
+                          "configs/deepspeed/zero2.json; run under torchrun or accelerate launch (default: what "
+                          "accelerate launch's config chose, else ddp)")
     how.add_argument("--resume", action="store_true",
                      help="continue the interrupted run in --output-dir exactly where its checkpoint left off")
     how.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

@@ -215,7 +215,7 @@ class AdapterModel(nn.Module):
                 return param
         return None
 
-    def apply(self, plan: AdapterPlan) -> None:
+    def apply_plan(self, plan: AdapterPlan) -> None:
         existing = {id(m) for m in self.model.modules()}
         if plan.virtual is not None:  # first: adapter layers may read it when attached
             plan.virtual.adapter_state = self.adapter_state
@@ -254,7 +254,7 @@ class AdapterModel(nn.Module):
     def add_adapter(self, name: str, config, state_dict: dict | None = None, source: str = "state_dict") -> None:
         plan = self.plan(name, config)
         base_tensors = self.fill_plan(plan, state_dict, source) if state_dict is not None else {}
-        self.apply(plan)
+        self.apply_plan(plan)  # not `apply`: nn.Module.apply(fn) must keep its meaning (DeepSpeed, FSDP call it)
         with torch.no_grad():
             for key, value in base_tensors.items():
                 self._base_parameter(key).copy_(value)

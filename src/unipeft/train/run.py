@@ -71,6 +71,7 @@ class TrainOptions:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     device: str | None = None  # None: cuda when available, else cpu
+    engine: str | None = None  # ddp, fsdp, or a DeepSpeed JSON file; None: what `accelerate launch` chose (engines.py)
     progress: bool = True
     total_steps: int | None = None  # not a flag: set by run() to the optimizer steps (AdaLoRA's schedule length)
     task_type: str = "SEQ_CLS"  # not a flag: set by run() from the model head
@@ -115,7 +116,7 @@ def loop_options(options: TrainOptions, device):
                        warmup_ratio=options.warmup_ratio, schedule=options.schedule, grad_accum=options.grad_accum,
                        eval_every=options.eval_every, early_stopping=options.early_stopping,
                        mixed_precision=options.precision, seed=options.seed, progress=options.progress,
-                       device=device.type)
+                       device=device.type, engine=options.engine)
 
 
 # What --resume may change: where and how it runs and reports, how it evaluates. Everything else decides the
@@ -337,6 +338,8 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     device = resolve_device(options.device)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # Accelerate places the run on the current CUDA device
+    if device.type == "cpu":  # DeepSpeed, when installed, would otherwise probe for GPUs and warn on each run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     model_name = resolve_model(options.model)
     head = choose_head(task, options.eval_mode, model_name)
     torch.manual_seed(options.seed)  # the new head and the adapter start from seeded random values
@@ -380,10 +383,13 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     for name, values in extra.items():
         log(f"{name}: {_format(values)}")
 
-    if is_main_process():
-        peft_model.save_pretrained(output_dir)
-        if config is None:
-            tokenizer.save_pretrained(output_dir)
+    from .engines import gathered
+
+    with gathered(peft_model):  # whole tensors under ZeRO-3 and FSDP; every process takes part
+        if is_main_process():
+            peft_model.save_pretrained(output_dir)
+            if config is None:
+                tokenizer.save_pretrained(output_dir)
     metrics = {
         "task": task.name,
         "kind": task.kind,

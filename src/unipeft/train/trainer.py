@@ -21,6 +21,12 @@ Files written (by the main process) in run_dir:
                    and at the best evaluation, only for a method that keeps one, e.g. AdaLoRA),
                    trainer_state.json (step, epoch, batches consumed, best tracking, history, options, fixed)
 
+Several processes (torchrun, accelerate launch): `options.engine` picks DDP, FSDP2 or DeepSpeed ZeRO (see
+engines.py). Each process takes every num_processes-th batch of batch_size rows, so one optimizer step sees
+batch_size × num_processes rows. Only trainable parameters get gradients and optimizer state; the files above
+hold whole tensors under every engine (gathered from the shards). Under FSDP and DeepSpeed the checkpoint's
+optimizer.pt is the main process's shard only, so such a run cannot be resumed (refused).
+
 `resume=True` continues from checkpoint/ exactly (same data order, optimizer, schedule, RNG and best tracking);
 log.jsonl is rewritten from the checkpoint's history, so records written after the checkpoint are dropped.
 `fixed` holds the caller's JSON values that must not change on resume (its data and model options); they are
@@ -28,6 +34,7 @@ kept in trainer_state.json and a resume with other values is refused before anyt
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -45,7 +52,8 @@ from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .batches import make_optimizer
-from .train_state import (CHECKPOINT, TrainState, check_resume, cpu_copy, load_trainable, read_checkpoint,
+from .engines import Engine, full_trainable, load_full_trainable, resolve_engine, shard_fsdp
+from .train_state import (CHECKPOINT, TrainState, check_resume, load_trainable, read_checkpoint,
                           rng_file, rng_state, set_rng_state, torch_bytes, write_checkpoint)
 
 LOG = "log.jsonl"
@@ -73,6 +81,7 @@ class LoopOptions:
     log_every: int = 10  # optimizer steps between training-loss records in log.jsonl
     progress: bool = True
     device: str | None = None  # None: let Accelerate choose; "cpu" forces CPU
+    engine: str | None = None  # "ddp" | "fsdp" | a DeepSpeed JSON file | None: from accelerate launch (engines.py)
 
 
 @dataclass
@@ -134,9 +143,34 @@ def check_options(options: LoopOptions) -> None:
     if options.mixed_precision == "fp16" and (options.device == "cpu"
                                               or options.device is None and not torch.cuda.is_available()):
         raise UsageError(FP16_ON_CPU)
+    resolve_engine(options.engine)
 
 
-def _accelerator(options: LoopOptions):
+def _deepspeed_plugin(options: LoopOptions, engine: Engine, on_cpu: bool):
+    from accelerate.state import PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    if on_cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Without this Accelerate sees no GPU and treats the launch as one process (it would not shard the data).
+        PartialState(cpu=True)
+    clipping = options.max_grad_norm or 0.0  # DeepSpeed: 0 is no clipping
+    try:
+        plugin = DeepSpeedPlugin(hf_ds_config=engine.deepspeed_config, gradient_accumulation_steps=options.grad_accum,
+                                 gradient_clipping=clipping)
+    except ValueError as exc:
+        raise UsageError(f"DeepSpeed config {engine.deepspeed_config}: {exc}") from None
+    for name, ours in (("gradient_accumulation_steps", options.grad_accum), ("gradient_clipping", clipping)):
+        if getattr(plugin, name) != ours:
+            raise UsageError(f"DeepSpeed config {engine.deepspeed_config} sets {name} to {getattr(plugin, name)}, "
+                             f"the loop's options to {ours}; write \"auto\" in the config")
+    if plugin.deepspeed_config.get("optimizer") or plugin.deepspeed_config.get("scheduler"):
+        raise UsageError(f"DeepSpeed config {engine.deepspeed_config}: leave out its optimizer and scheduler "
+                         f"(the loop uses AdamW over the trainable parameters and its own schedule)")
+    return plugin
+
+
+def _accelerator(options: LoopOptions, engine: Engine):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -145,11 +179,15 @@ def _accelerator(options: LoopOptions):
     # AcceleratorState is a process-wide singleton that refuses a second fit with another precision;
     # forget the previous fit's (the process group, in PartialState, stays).
     AcceleratorState._reset_state()
+    on_cpu = options.device == "cpu" or not torch.cuda.is_available()
+    kwargs = {"cpu": options.device == "cpu"}
+    if engine.kind == "deepspeed":  # DeepSpeed runs on its own CPU accelerator: Accelerate's cpu=True would bypass it
+        kwargs = {"deepspeed_plugin": _deepspeed_plugin(options, engine, on_cpu)}
     try:
         accelerator = Accelerator(gradient_accumulation_steps=options.grad_accum,
-                                  mixed_precision=options.mixed_precision, cpu=options.device == "cpu")
+                                  mixed_precision=options.mixed_precision, **kwargs)
     except ValueError as exc:
-        device = "cpu" if options.device == "cpu" or not torch.cuda.is_available() else "cuda"
+        device = "cpu" if on_cpu else "cuda"
         raise UsageError(f"mixed_precision {options.mixed_precision!r} is not available on {device} ({exc}); "
                          f"use mixed_precision='no'") from None
     device = accelerator.device.type
@@ -193,13 +231,17 @@ def fit(model, train_examples: list, collate: Callable[[list], dict], evaluate: 
         raise UsageError(f"main_metric {main_metric!r} needs an evaluate function")
     if options.early_stopping is not None and main_metric is None:
         raise UsageError("early_stopping needs an evaluate function and a main_metric")
-    accelerator = _accelerator(options)
+    engine = resolve_engine(options.engine)
+    if resume and engine.sharded:
+        raise UsageError(f"--resume under {engine.kind} is not supported: the checkpoint holds only the main "
+                         f"process's shard of the optimizer state; resume with DDP, or start again")
+    accelerator = _accelerator(options, engine)
     contents = None
     if resume:
         folder, contents = read_checkpoint(run_dir)
         check_resume(folder, contents, model, options, accelerator.num_processes, fixed)
     try:
-        return _Fit(accelerator, model, train_examples, collate, evaluate, main_metric, greater_is_better,
+        return _Fit(accelerator, engine, model, train_examples, collate, evaluate, main_metric, greater_is_better,
                     options, run_dir, log, contents, fixed).run()
     finally:
         accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drops the autocast wrapper from forward
@@ -209,9 +251,10 @@ def fit(model, train_examples: list, collate: Callable[[list], dict], evaluate: 
 class _Fit:
     """One call of `fit`: the prepared objects and the loop over them."""
 
-    def __init__(self, accelerator, model, examples, collate, evaluate, main_metric, greater_is_better,
+    def __init__(self, accelerator, engine, model, examples, collate, evaluate, main_metric, greater_is_better,
                  options, run_dir, log, contents, fixed):
         self.accelerator, self.examples, self.collate, self.options = accelerator, examples, collate, options
+        self.engine = engine
         self.fixed = fixed
         self.evaluate, self.main_metric, self.greater = evaluate, main_metric, greater_is_better
         self.run_dir, self.log_path = run_dir, os.path.join(run_dir, LOG)
@@ -225,16 +268,33 @@ class _Fit:
         if accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(accelerator.device)
 
+        # FSDP: sharding replaces the parameters, so it comes before the optimizer; Accelerate's own FSDP does
+        # not run on CPU, so the model is sharded here and not handed to prepare (which would wrap it in DDP).
+        fsdp = engine.kind == "fsdp"
+        if fsdp:
+            if not torch.distributed.is_initialized():
+                raise UsageError("FSDP needs several processes: start them with torchrun or accelerate launch")
+            model = shard_fsdp(model.to(accelerator.device))
+        self.autocast = accelerator.autocast if fsdp else contextlib.nullcontext  # prepare adds it otherwise
         optimizer = make_optimizer(model, options.lr, options.weight_decay)
-        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, self._loader(self.state.epoch))
-        self.batches_per_epoch = len(self.loader)
+        loader = self._loader(self.state.epoch)
+        # Each process takes every num_processes-th batch (the last ones padded to an even count).
+        self.batches_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
         self.total = math.ceil(self.batches_per_epoch / options.grad_accum) * options.epochs
         warmup = warmup_steps(options, self.total)
-        # A prepared scheduler steps once per process at each optimizer step.
+        # A prepared scheduler steps once per process at each optimizer step (under DeepSpeed too: a LambdaLR is
+        # none of DeepSpeed's schedulers, so Accelerate steps it, not the engine).
         ticks = accelerator.num_processes
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda tick: schedule_factor(options.schedule, tick // ticks, self.total, warmup))
-        self.scheduler = accelerator.prepare(scheduler)
+        # One prepare call: DeepSpeed builds its engine from the model, optimizer, loader and scheduler together.
+        if fsdp:
+            self.model = model
+            self.optimizer, self.loader, self.scheduler = accelerator.prepare(optimizer, loader, scheduler)
+        else:
+            self.model, self.optimizer, self.loader, self.scheduler = accelerator.prepare(model, optimizer, loader,
+                                                                                        scheduler)
+        assert len(self.loader) == self.batches_per_epoch, (len(self.loader), self.batches_per_epoch)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         unwrapped = accelerator.unwrap_model(self.model)
         adapters = getattr(unwrapped, "base_model", None)
@@ -282,21 +342,23 @@ class _Fit:
         self.model.train()
         while state.epoch < options.epochs and not state.stopped_early:
             if self.loader is None:
-                self.loader = accelerator.prepare(self._loader(state.epoch))
+                self.loader = accelerator.prepare_data_loader(self._loader(state.epoch))
             batches = accelerator.skip_first_batches(self.loader, state.consumed) if state.consumed else self.loader
             for batch in batches:
                 with accelerator.accumulate(self.model):
-                    loss = self.model(**batch).loss
+                    stepped = accelerator.sync_gradients
+                    if stepped:  # before backward: DeepSpeed steps the optimizer and the schedule inside it
+                        self.window["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                    with self.autocast():
+                        loss = self.model(**batch).loss
                     accelerator.backward(loss)
                     micro_losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
                     rows = _rows(batch) * accelerator.num_processes
                     self.window["examples"] += rows
                     state.examples += rows
-                    stepped = accelerator.sync_gradients
                     if stepped:
-                        if options.max_grad_norm:
+                        if options.max_grad_norm:  # DeepSpeed clips inside its step (its gradient_clipping)
                             accelerator.clip_grad_norm_(self.params, options.max_grad_norm)
-                        self.window["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
                         self.optimizer.step()
                         self.scheduler.step()
                         if self.allocate is not None:
@@ -357,8 +419,9 @@ class _Fit:
         from accelerate.utils import gather_object
 
         rng_states = gather_object([rng_state()])  # every process's, in process order (all processes call it)
+        trainable = full_trainable(self.accelerator.unwrap_model(self.model))  # collective under sharding
         if self.main:
-            self._save(rng_states)
+            self._save(trainable, rng_states)
         self.accelerator.wait_for_everyone()
         self.paused += time.perf_counter() - started
         self.window["start"] = time.perf_counter()
@@ -371,7 +434,7 @@ class _Fit:
         best = None if state.best_metrics is None else state.best_metrics[self.main_metric]
         if _improved(metrics[self.main_metric], best, self.greater):
             state.best_metrics, state.best_step, state.bad_evals = metrics, state.step, 0
-            self.best = cpu_copy(self.accelerator.unwrap_model(self.model))
+            self.best = full_trainable(self.accelerator.unwrap_model(self.model))  # every process calls it
             self.best_method_state = copy.deepcopy(self.step_state())
         else:
             state.bad_evals += 1
@@ -380,14 +443,15 @@ class _Fit:
                 self.log(f"early stopping at step {state.step}: {state.bad_evals} evaluations without improving "
                          f"{self.main_metric} (best at step {state.best_step})")
 
-    def _save(self, rng_states: list[dict]) -> None:
+    def _save(self, trainable: dict, rng_states: list[dict]) -> None:
         files = {
-            "trainable.safetensors": safetensors_save(cpu_copy(self.accelerator.unwrap_model(self.model))),
+            "trainable.safetensors": safetensors_save(trainable),
             "optimizer.pt": torch_bytes(self.optimizer.state_dict()),
             "scheduler.pt": torch_bytes(self.scheduler.state_dict()),
             "trainer_state.json": json.dumps({"state": dataclasses.asdict(self.state),
                                               "options": dataclasses.asdict(self.options), "fixed": self.fixed,
-                                              "num_processes": self.accelerator.num_processes}).encode("utf-8"),
+                                              "num_processes": self.accelerator.num_processes,
+                                              "engine": self.engine.kind}).encode("utf-8"),
         }
         for index, state in enumerate(rng_states):
             files[rng_file(index)] = torch_bytes(state)
@@ -403,7 +467,7 @@ class _Fit:
     def _finish(self) -> FitResult:
         state = self.state
         if self.best is not None:
-            load_trainable(self.accelerator.unwrap_model(self.model), self.best)
+            load_full_trainable(self.accelerator.unwrap_model(self.model), self.best)  # every process calls it
             if self.best_method_state:  # the rank pattern (AdaLoRA) that goes with those tensors
                 self.load_step_state(self.best_method_state)
             self.log(f"loaded the best evaluation's parameters (step {state.best_step})")
