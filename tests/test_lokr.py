@@ -165,3 +165,37 @@ def test_kronecker_product_and_its_gradients_equal_the_formed_matrix():
     w2 = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(_KroneckerApply.apply(x, w1, w2), x @ torch.kron(w1, w2).t())
     assert torch.autograd.gradcheck(_KroneckerApply.apply, (x, w1, w2))
+
+
+def test_lokr_trains_under_bf16_autocast_with_gradients_close_to_float32():
+    """Under torch.autocast the Kronecker product's backward gets bf16 gradients and float32 factors: it must
+    compute in one dtype and hand float32 gradients back (found by the bf16 engine of tests/test_distributed.py).
+    One adapted layer and a squared error, so the only bf16 rounding is this layer's (~0.4% a product)."""
+    import unipeft
+
+    class OneLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = unipeft.get_peft_model(OneLayer(), unipeft.LoKrConfig(r=4, target_modules=["proj"]))
+    for name, p in model.named_parameters():
+        if "lokr_" in name:
+            torch.nn.init.normal_(p, std=0.5)  # off the zero start (W1 = 0), so every factor gets a gradient
+    x, target = torch.randn(8, 16), torch.randn(8, 16)
+
+    def gradients(autocast: bool) -> torch.Tensor:
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = ((model(x).float() - target) ** 2).mean()
+        loss.backward()
+        grads = [p.grad for name, p in model.named_parameters() if "lokr_" in name]
+        assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+        return torch.cat([g.flatten() for g in grads])
+
+    full, mixed = gradients(False), gradients(True)
+    assert (mixed - full).norm() <= 0.02 * full.norm()  # a few bf16 roundings; a wrong path is off by far more

@@ -58,19 +58,23 @@ class _KroneckerApply(torch.autograd.Function):
     def forward(ctx, x, w1, w2):
         (a, c), (b, d) = w1.shape, w2.shape
         ctx.save_for_backward(x, w1, w2)
+        ctx.x_dtype = x.dtype
         z = x.reshape(-1, c, d) @ w2.t()  # [n, c, b]
         return torch.einsum("ac,ncb->nab", w1, z).reshape(*x.shape[:-1], a * b)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, w1, w2 = ctx.saved_tensors
+        x, w1_param, w2_param = ctx.saved_tensors
+        # forward ran under autocast (bf16 products) when grad is bf16: backward computes in grad's dtype, and
+        # hands each gradient back in its input's dtype
+        x, w1, w2 = (t.to(grad.dtype) for t in (x, w1_param, w2_param))
         (a, c), (b, d) = w1.shape, w2.shape
         X, G = x.reshape(-1, c, d), grad.reshape(-1, a, b)
         grad_z = torch.einsum("ac,nab->ncb", w1, G)
-        grad_x = (grad_z @ w2).reshape(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w1 = torch.einsum("nab,ncb->ac", G, X @ w2.t()) if ctx.needs_input_grad[1] else None
-        grad_w2 = torch.einsum("ncb,ncd->bd", grad_z, X) if ctx.needs_input_grad[2] else None
+        grad_x = (grad_z @ w2).reshape(x.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w1 = torch.einsum("nab,ncb->ac", G, X @ w2.t()).to(w1_param.dtype) if ctx.needs_input_grad[1] else None
+        grad_w2 = torch.einsum("ncb,ncd->bd", grad_z, X).to(w2_param.dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w1, grad_w2
 
 
