@@ -17,7 +17,14 @@ from workflow_models import folder_bytes
 from unipeft.train.methods import known_methods
 from unipeft.train.tasks import known_tasks
 
-NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+NO_CUDA = pytest.mark.usefixtures("without_cuda")  # the refusals are tested on every machine, GPUs or not
+
+
+@pytest.fixture
+def without_cuda(monkeypatch):
+    """As on a machine without CUDA, so the unavailable-device errors are the same everywhere."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
 
 
 def _write_csv(path, header, rows):
@@ -222,14 +229,15 @@ def test_test_in_context_needs_a_causal_lm(place, run, tiny_model, files, capsys
                  f"'{tiny_model}' is an encoder-only bert model; this needs a decoder-only (causal) LM")
 
 
-DEVICES = [pytest.param("cuda", "device 'cuda' asked for, but CUDA is not available", marks=NO_CUDA),
+DEVICES = [("cuda", "device 'cuda' asked for, but CUDA is not available"),
            ("nonsense", "unknown device 'nonsense'; use cpu, cuda or cuda:N"),
            ("meta", "device 'meta' is not available here; use cpu, cuda or cuda:N")]
 
 
 @pytest.mark.parametrize("device,needle", DEVICES)
 @pytest.mark.parametrize("command", ["test", "infer"])
-def test_test_and_infer_refuse_an_unavailable_device(command, device, needle, place, run, capsys, monkeypatch):
+def test_test_and_infer_refuse_an_unavailable_device(command, device, needle, place, run, capsys, monkeypatch,
+                                                   without_cuda):
     monkeypatch.setattr("unipeft.train.model.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     texts = ["w1 great w2"] if command == "infer" else []
     _refused(capsys, [command, "--checkpoint", run, "--device", device, *texts], needle)
