@@ -2,6 +2,7 @@
 
 - the task table is the registry's, rendered from `unipeft.train.tasks.TASKS` (regenerate with
   `python tests/test_readme_tables.py --write` after changing a task);
+- the engine matrix is rendered from the runs scripts/engine_matrix.sh recorded (it rewrites the table);
 - the `unipeft bench` table on the embedded default is the bench.md that the command wrote into
   benchmarks/results/bench_default/, and that file is bench.json's rows rendered by `unipeft.train.bench.markdown`."""
 from __future__ import annotations
@@ -11,10 +12,15 @@ import os
 import sys
 
 from unipeft.train.bench import markdown
+from unipeft.train.methods import known_methods
 from unipeft.train.tasks import TASKS
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed"))
+import matrix  # noqa: E402
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 START, END = "<!-- tasks-table -->\n", "<!-- /tasks-table -->"
+ENGINE_START, ENGINE_END = "<!-- engine-matrix -->\n", "<!-- /engine-matrix -->"
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "bench_default")
 
 
@@ -49,25 +55,28 @@ def test_readme_bench_table_is_the_bench_command_output():
     assert {"full", "lora", "prefix", "ia3"} <= set(methods) and all("error" not in row for row in report["rows"])
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+def test_readme_engine_matrix_is_the_recorded_runs_of_test_distributed():
+    """The README's engine matrix is rendered from benchmarks/results/engine_matrix/ (written by
+    scripts/engine_matrix.sh), and every CPU column there holds every method tests/test_distributed.py
+    trains, passed: CI runs those same cells on every run, so a recorded "passed" is one CI re-checks."""
+    assert readme_block(ENGINE_START, ENGINE_END) == matrix.render(), \
+        "README engine matrix is stale: python tests/test_readme_tables.py --write"
+    recorded = matrix.recorded()
+    for engine in matrix.CPU_ENGINES:
+        assert engine in recorded, f"no recorded run of {engine}: bash scripts/engine_matrix.sh"
+        assert recorded[engine]["cells"] == {m: "passed" for m in matrix.METHODS}, engine
+        assert "CPU processes" in recorded[engine]["device"] and recorded[engine]["date"] >= "2026-11-22"
+    assert set(matrix.METHODS) == set(known_methods()), "the matrix trains every method of unipeft train"
+
+
+def write_blocks() -> None:
     text = open(README, encoding="utf-8").read()
-    head, rest = text.split(START, 1)
+    for start, end, body in ((START, END, render()), (ENGINE_START, ENGINE_END, matrix.render())):
+        head, rest = text.split(start, 1)
+        text = head + start + body + end + rest.split(end, 1)[1]
     with open(README, "w", encoding="utf-8") as fh:
-        fh.write(head + START + render() + END + rest.split(END, 1)[1])
+        fh.write(text)
 
 
-def test_readme_engine_matrix_marks_passed_exactly_what_test_distributed_runs():
-    """The "passed" row names the methods tests/test_distributed.py trains on every engine it launches; every
-    other method of the library's list is "not run" (no silent gaps)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "distributed"))
-    import matrix
-    from unipeft.train.methods import known_methods
-
-    text = open(README, encoding="utf-8").read().split("## Scale out", 1)[1].split("\n## ", 1)[0]
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
-    header, body = rows[0], rows[1:]
-    assert header == ["method", "DDP", "bf16", "FSDP", "ZeRO-1", "ZeRO-2", "ZeRO-3"]
-    assert [name.lower().replace("-", "") for name in header[1:]] == list(matrix.ENGINES)
-    status = {method: row[1:] for row in body for method in row[0].split(", ")}
-    assert {m for m, cells in status.items() if cells == ["passed"] * 6} == set(matrix.METHODS)
-    assert {m for m, cells in status.items() if cells == ["not run"] * 6} == set(known_methods()) - set(matrix.METHODS)
+if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
+    write_blocks()

@@ -14,6 +14,7 @@ from .config import PeftConfig, TaskType, ConfigError
 from .engine.checkpoint import key_prefix, load_adapter_tensors, save_adapter
 from .engine.inject import AdapterModel
 from .engine.layers import AdapterError, AdapterLayer, named_part_tensors
+from .engine.sharding import numel
 from .engine.sites import task_heads
 from .engine.targeting import logical_modules, name_matches
 
@@ -125,8 +126,8 @@ class PeftModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total). The total counts the model as it runs: a task head trained as a copy counts
         once, not also as the frozen original kept for `disable_adapter()` (HF PEFT counts both)."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters()) - self.base_model.replaced_head_numel()
+        trainable = sum(numel(p) for p in self.parameters() if p.requires_grad)
+        total = sum(numel(p) for p in self.parameters()) - self.base_model.replaced_head_numel()
         return trainable, total
 
     def get_nb_inference_parameters(self) -> tuple[int, int]:
@@ -134,7 +135,7 @@ class PeftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         for prompt in self.base_model.prompt_encoder.values():
             params = prompt.trainable_parameters()
-            training_only = sum(p.numel() for p in params) - prompt.inference_numel()
+            training_only = sum(numel(p) for p in params) - prompt.inference_numel()
             total -= training_only
             if any(p.requires_grad for p in params):
                 trainable -= training_only

@@ -8,7 +8,6 @@ loading can check a checkpoint against it and fail cleanly; `apply` then swaps t
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -20,6 +19,7 @@ from .layers import (
     BASE, AdapterError, AdapterLayer, AdapterState, ModulesToSaveWrapper, Routing, base_named_modules,
     innermost, logical_name, named_part_tensors, wrapper_of,
 )
+from .sharding import numel, plain_copy, shape, whole_parameters
 from .sites import default_targets
 from .targeting import TargetError, find_targets, logical_modules, name_matches
 from .virtual import VirtualInput, VirtualInputs
@@ -116,7 +116,7 @@ class AdapterModel(nn.Module):
         head_specs = list(getattr(config, "modules_to_save", None) or [])
         for module_name, module in logical_modules(self.model):
             if name_matches(module_name, head_specs) and not any(module_name.startswith(h + ".") for h in plan.heads):
-                plan.heads[module_name] = copy.deepcopy(module).requires_grad_(True)
+                plan.heads[module_name] = plain_copy(module).requires_grad_(True)
         spec = get_method(config.peft_type)
         parts = spec.components(config, self.model) if spec.components else [config]
         for part in parts:
@@ -134,7 +134,8 @@ class AdapterModel(nn.Module):
         if spec.build_virtual is not None:
             if plan.virtual is not None:
                 raise AdapterError("one adapter can hold only one prompt-based part")
-            plan.virtual = spec.build_virtual(self.model, config).to(*self._model_device_dtype())
+            with whole_parameters(self.model.get_input_embeddings()):  # prompts may start from token embeddings
+                plan.virtual = spec.build_virtual(self.model, config).to(*self._model_device_dtype())
             if spec.layer_for is None:
                 return
         plan.target_modules = targets = config.target_modules or default_targets(self.model, spec.site_key)
@@ -145,16 +146,21 @@ class AdapterModel(nn.Module):
         ):
             module = self.model.get_submodule(module_name)
             base = innermost(module)
-            layer_cls = spec.layer_for(base, config)
-            if layer_cls is None:
-                raise TargetError(
-                    f"{module_name} is a {type(base).__name__}, which {spec.peft_type} cannot adapt; "
-                    f"narrow target_modules to supported layers"
-                )
-            if any(p.module_name == module_name and p.layer_cls is layer_cls for p in plan.layers):
-                raise AdapterError(f"two parts of adapter {plan.name!r} would put a {layer_cls.__name__} on {module_name}")
-            parts, hparams = layer_cls.make_parts(base, config, module_name)
-            plan.layers.append(PlannedLayer(module_name, layer_cls, parts, hparams))
+            with whole_parameters(base):  # sizes and initial values read the base weight (ZeRO-3 partitions it)
+                self._plan_layer(plan, spec, config, module_name, base)
+
+    @staticmethod
+    def _plan_layer(plan: AdapterPlan, spec, config, module_name: str, base: nn.Module) -> None:
+        layer_cls = spec.layer_for(base, config)
+        if layer_cls is None:
+            raise TargetError(
+                f"{module_name} is a {type(base).__name__}, which {spec.peft_type} cannot adapt; "
+                f"narrow target_modules to supported layers"
+            )
+        if any(p.module_name == module_name and p.layer_cls is layer_cls for p in plan.layers):
+            raise AdapterError(f"two parts of adapter {plan.name!r} would put a {layer_cls.__name__} on {module_name}")
+        parts, hparams = layer_cls.make_parts(base, config, module_name)
+        plan.layers.append(PlannedLayer(module_name, layer_cls, parts, hparams))
 
     def fill_plan(self, plan: AdapterPlan, tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
         """Check a checkpoint against the plan and copy it in. Returns base tensors (trained biases,
@@ -175,10 +181,10 @@ class AdapterModel(nn.Module):
                     f"{source}: key base_model.model.{key} matches nothing this adapter config creates in "
                     f"{type(self.model).__name__}; the adapter was saved for another base model or config"
                 )
-            if tuple(value.shape) != tuple(target.shape):
+            if tuple(value.shape) != tuple(shape(target)):
                 raise CheckpointMismatchError(
                     f"{source}: base_model.model.{key} has shape {tuple(value.shape)} in the file but "
-                    f"{tuple(target.shape)} in this model; the adapter was saved for another base model"
+                    f"{tuple(shape(target))} in this model; the adapter was saved for another base model"
                 )
         missing = sorted(set(expected) - set(tensors))
         if missing:
@@ -255,9 +261,12 @@ class AdapterModel(nn.Module):
         plan = self.plan(name, config)
         base_tensors = self.fill_plan(plan, state_dict, source) if state_dict is not None else {}
         self.apply_plan(plan)  # not `apply`: nn.Module.apply(fn) must keep its meaning (DeepSpeed, FSDP call it)
-        with torch.no_grad():
+        targets = {key: self._base_parameter(key) for key in base_tensors}
+        owners = [m for m in self.model.modules() if any(p is t for p in m.parameters(recurse=False)
+                                                         for t in targets.values())]
+        with torch.no_grad(), whole_parameters(owners, write_back=True):
             for key, value in base_tensors.items():
-                self._base_parameter(key).copy_(value)
+                targets[key].copy_(value)
         if not self.adapter_state.active:
             self.adapter_state.active = [name]
         self.refresh_trainable()
@@ -270,7 +279,7 @@ class AdapterModel(nn.Module):
 
     def replaced_head_numel(self) -> int:
         """Parameters of frozen original heads that trained copies stand in for while an adapter is active."""
-        return sum(p.numel() for _, module in self.adapter_layers() if isinstance(module, ModulesToSaveWrapper)
+        return sum(numel(p) for _, module in self.adapter_layers() if isinstance(module, ModulesToSaveWrapper)
                    and module.modules_to_save for p in module.original_module.parameters())
 
     def named_base_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -385,14 +394,17 @@ class AdapterModel(nn.Module):
             for module_name, layer in layers:
                 for name in names:
                     if name in layer.hparams and name not in layer.merged_adapters:
-                        layer.check_merge(name, module_name)
+                        with whole_parameters(layer):
+                            layer.check_merge(name, module_name)
         for _, layer in layers:
-            layer.merge(names)
+            with whole_parameters(layer, write_back=True):  # the base weight and the adapter's, whole
+                layer.merge(names)
 
     def unmerge(self) -> None:
         for _, module in self.adapter_layers():
             if isinstance(module, AdapterLayer):
-                module.unmerge()
+                with whole_parameters(module, write_back=True):
+                    module.unmerge()
 
     def unload(self, merge: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         """Remove every wrapper; with merge=True the active adapters are first folded into the weights."""

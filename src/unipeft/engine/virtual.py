@@ -35,6 +35,7 @@ from .layers import AdapterError, AdapterState
 from .prefix_attention import (
     CROSS, DECODER_SELF, ENCODER_PREFIX, ENCODER_SELF, grow_mask, hook_encoder_attention, sites_of,
 )
+from .sharding import numel
 
 TOKENS, PREFIX = "tokens", "prefix"
 SIDE = "side"  # read by the method's own adapter layers; never inserted into the input or the cache
@@ -77,7 +78,7 @@ class VirtualInput(nn.Module):
 
     def inference_numel(self) -> int:
         """Trainable parameters still needed after training (the training-only networks folded away)."""
-        return sum(p.numel() for p in self.trainable_parameters())
+        return sum(numel(p) for p in self.trainable_parameters())
 
 
 @functools.cache

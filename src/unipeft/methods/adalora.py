@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..engine.layers import AdapterError, AdapterLayer, is_conv1d, logical_name
+from ..engine.sharding import numel
 from ..registry import MethodSpec, PeftType, register_method
 from .lora import LoraConfig
 
@@ -69,6 +70,12 @@ class AdaLoraConfig(LoraConfig):
 
 
 class SVDLinear(AdapterLayer):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Each adapter's orthogonality terms from the latest forward: computed there, where FSDP and ZeRO-3
+        # hold A and B whole, and added to the loss by `orthogonal_penalty`.
+        self.orthogonality: dict[str, torch.Tensor] = {}
+
     @classmethod
     def make_parts(cls, base_layer, config: AdaLoraConfig, module_name: str):
         transposed = is_conv1d(base_layer)
@@ -82,11 +89,13 @@ class SVDLinear(AdapterLayer):
             nn.init.normal_(B, std=0.02)
         scaling = config.lora_alpha if config.lora_alpha > 0 else float(r)
         hparams = {"scale": scaling / (config.init_r + 1e-5), "dropout": config.lora_dropout,
-                   "transposed": transposed, "kept": None}
+                   "transposed": transposed, "kept": None, "orthogonality": config.orth_reg_weight > 0}
         return {"lora_A": nn.Parameter(A), "lora_E": nn.Parameter(E), "lora_B": nn.Parameter(B)}, hparams
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         hp = self.hparams[name]
+        if hp["orthogonality"]:
+            self.orthogonality[name] = _orthogonality(self.lora_A[name], self.lora_B[name])
         scaled_A = self.lora_A[name] * self.lora_E[name]
         x = x.to(scaled_A.dtype)
         if hp["dropout"] and self.training:
@@ -115,15 +124,16 @@ class RankAllocator:
 
     def __init__(self, config: AdaLoraConfig, layers: dict[str, SVDLinear], name: str) -> None:
         self.config, self.name = config, name
-        self.initial_budget = sum(layer.lora_E[name].shape[0] for layer in layers.values())
+        self.initial_budget = sum(numel(layer.lora_E[name]) for layer in layers.values())  # E is r × 1
         self.target_budget = config.target_r * len(layers)
         self.reset()
         self.steps_run = 0
         self.unscheduled_forwards = 0  # training forwards seen before the first update_and_allocate
 
     def reset(self) -> None:
-        self.importance: dict[int, torch.Tensor] = {}
-        self.uncertainty: dict[int, torch.Tensor] = {}
+        # by "<module>.<part>": the parameter objects change while FSDP gathers them
+        self.importance: dict[str, torch.Tensor] = {}
+        self.uncertainty: dict[str, torch.Tensor] = {}
 
     def budget(self, step: int) -> tuple[int, bool]:
         """(total rank allowed at `step`, whether to mask now)."""
@@ -141,23 +151,24 @@ class RankAllocator:
         if all(layer.lora_E[self.name].grad is None for layer in layers.values()):
             raise AdapterError(f"update_and_allocate found no gradients on AdaLoRA adapter {self.name!r}: it scores "
                                f"ranks by them, so call it after optimizer.step() and before optimizer.zero_grad()")
-        for layer in layers.values():
-            for p in (getattr(layer, part)[self.name] for part in PARTS):
+        for module, layer in layers.items():
+            for part in PARTS:
+                p, key = getattr(layer, part)[self.name], f"{module}.{part}"
                 sensitivity = (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
-                avg = self.importance.get(id(p), torch.zeros_like(p)) * b1 + (1 - b1) * sensitivity
-                self.importance[id(p)] = avg
-                unc = self.uncertainty.get(id(p), torch.zeros_like(p))
-                self.uncertainty[id(p)] = unc * b2 + (1 - b2) * (sensitivity - avg).abs()
+                avg = self.importance.get(key, torch.zeros_like(p)) * b1 + (1 - b1) * sensitivity
+                self.importance[key] = avg
+                unc = self.uncertainty.get(key, torch.zeros_like(p))
+                self.uncertainty[key] = unc * b2 + (1 - b2) * (sensitivity - avg).abs()
 
-    def _score(self, p: torch.Tensor, dim: int) -> torch.Tensor:
-        zero = torch.zeros_like(p)
-        return (self.importance.get(id(p), zero) * self.uncertainty.get(id(p), zero)).mean(dim=dim)
+    def _score(self, module: str, layer: SVDLinear, part: str, dim: int) -> torch.Tensor:
+        key, zero = f"{module}.{part}", torch.zeros_like(getattr(layer, part)[self.name])
+        return (self.importance.get(key, zero) * self.uncertainty.get(key, zero)).mean(dim=dim)
 
     @torch.no_grad()
     def mask_to_budget(self, layers: dict[str, SVDLinear], budget: int) -> dict[str, list[bool]]:
         name = self.name
-        scores = {module: self._score(layer.lora_E[name], 1) + (self._score(layer.lora_A[name], 1)
-                                                                + self._score(layer.lora_B[name], 0))
+        scores = {module: self._score(module, layer, "lora_E", 1) + (self._score(module, layer, "lora_A", 1)
+                                                                     + self._score(module, layer, "lora_B", 0))
                   for module, layer in layers.items()}
         to_drop = self.initial_budget - budget
         if to_drop <= 0:
@@ -177,12 +188,8 @@ def step_state(adapter_model, name: str) -> dict:
     allocator, config = _allocator(adapter_model, name), adapter_model.peft_config[name]
     averages = {"importance": allocator.importance, "uncertainty": allocator.uncertainty}
     state = {"steps_run": allocator.steps_run, "rank_pattern": config.rank_pattern}
-    for module, layer in _layers(adapter_model, name).items():
-        for part in PARTS:
-            p = getattr(layer, part)[name]
-            for kind, values in averages.items():
-                if id(p) in values:
-                    state[f"{kind}.{module}.{part}"] = values[id(p)].detach().cpu()
+    for kind, values in averages.items():
+        state.update({f"{kind}.{key}": value.detach().cpu() for key, value in values.items()})
     return state
 
 
@@ -197,11 +204,10 @@ def load_step_state(adapter_model, name: str, state: dict) -> None:
         else:  # before the first masking every triplet is kept
             layer.hparams[name]["kept"] = None
         for part in PARTS:
-            p = getattr(layer, part)[name]
+            device = getattr(layer, part)[name].device
             for kind, values in (("importance", allocator.importance), ("uncertainty", allocator.uncertainty)):
-                key = f"{kind}.{module}.{part}"
-                if key in state:
-                    values[id(p)] = state[key].to(p.device)
+                if f"{kind}.{module}.{part}" in state:
+                    values[f"{module}.{part}"] = state[f"{kind}.{module}.{part}"].to(device)
 
 
 def _layers(adapter_model, name: str) -> dict[str, SVDLinear]:
@@ -247,12 +253,16 @@ def orthogonal_penalty(adapter_model, name: str) -> torch.Tensor | float:
                           f"model.base_model.update_and_allocate(step) after each optimizer.step()", stacklevel=2)
     if config.orth_reg_weight == 0:
         return 0.0
-    terms = []
-    for layer in _layers(adapter_model, name).values():
-        A, B = layer.lora_A[name], layer.lora_B[name]
-        for gram in (A @ A.t(), B.t() @ B):
-            terms.append(torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)))
-    return config.orth_reg_weight * torch.stack(terms).mean() if terms else 0.0
+    terms = [layer.orthogonality.pop(name, None) for layer in _layers(adapter_model, name).values()]
+    terms = [t if t is not None else _orthogonality(layer.lora_A[name], layer.lora_B[name])  # the forward skipped it
+             for t, layer in zip(terms, _layers(adapter_model, name).values())]
+    return config.orth_reg_weight * torch.cat(terms).mean() if terms else 0.0
+
+
+def _orthogonality(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """‖AAᵀ − I‖_F and ‖BᵀB − I‖_F."""
+    grams = torch.stack([A @ A.t(), B.t() @ B])
+    return torch.linalg.matrix_norm(grams - torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
 
 
 def adalora_layer_for(module: nn.Module, config: AdaLoraConfig):

@@ -20,20 +20,27 @@ alone, and frozen parameters never get a gradient. FSDP2 shards each parameter o
 frozen and trainable parameters (a block with its LoRA matrices); adapter modules are not units of their own,
 since several methods read their weights directly in the block's forward, outside any forward of theirs.
 
+Building a model too large for one process: under ZeRO-3, load it inside `partitioned_loading(engine)` and
+transformers' `from_pretrained` builds it partitioned from the start; under FSDP, every process but the first
+may build it on the meta device, and `shard_fsdp` fills their shards from the first process. Adapters are
+created on such a base as on any other (`unipeft train` does both).
+
 Under ZeRO-3 and FSDP the parameters are partitioned (ZeRO-3: shape [0] and `ds_numel`; FSDP: DTensor shards).
-`gathered(model)` makes them whole for the time of a `with` block; `full_trainable` and `load_full_trainable`
-read and write whole trainable tensors. All three are collective: every process must call them, in the same
-order. They are no-ops (plain copies) for an unsharded model.
+`unipeft.engine.sharding.whole_parameters(model)` makes them whole for the time of a `with` block;
+`full_trainable` and `load_full_trainable` read and write whole trainable tensors. All are collective: every
+process must call them, in the same order. They are no-ops (plain copies) for an unsharded model.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..engine.sharding import whole_parameters
 from .errors import UsageError
 
 ENGINES = ("ddp", "fsdp")  # besides a DeepSpeed JSON file
@@ -48,6 +55,41 @@ class Engine:
     def sharded(self) -> bool:
         """Whether a process holds only part of the parameters or of the optimizer state."""
         return self.kind != "ddp"
+
+    @property
+    def zero_stage(self) -> int | None:
+        """DeepSpeed's ZeRO stage (from the config file, else from accelerate launch's settings); None otherwise."""
+        if self.kind != "deepspeed":
+            return None
+        if self.deepspeed_config is None:
+            return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0"))
+        with open(self.deepspeed_config, encoding="utf-8") as fh:
+            return int(json.load(fh).get("zero_optimization", {}).get("stage", 0))
+
+
+@contextlib.contextmanager
+def partitioned_loading(engine: Engine):
+    """Around loading the base model with `from_pretrained`: under ZeRO-3 transformers then builds it partitioned
+    (deepspeed.zero.Init), so no process ever holds the whole model and adapters are created on partitioned
+    weights. A no-op for the other engines. The process group must exist (accelerate's PartialState)."""
+    if engine.zero_stage != 3 or engine.deepspeed_config is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    with open(engine.deepspeed_config, encoding="utf-8") as fh:
+        config = json.load(fh)
+    # the batch sizes are the loop's, filled in when training starts; zero.Init only needs them to parse
+    config.pop("train_batch_size", None)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if config.get(key, "auto") == "auto":
+            config[key] = 1
+    alive = HfDeepSpeedConfig(config)  # transformers holds a weak reference: keep it until loading ends
+    try:
+        yield
+    finally:
+        del alive
+        unset_hf_deepspeed_config()
 
 
 def _env_flag(name: str) -> bool:
@@ -84,65 +126,46 @@ def fsdp_auto_wrap_policy(model: nn.Module):
     return lambda module: type(module).__name__ in names
 
 
-def shard_fsdp(model: nn.Module) -> nn.Module:
-    """Apply FSDP2 in place: `fully_shard` on every block the policy picks, then on the whole model."""
+def shard_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
+    """Apply FSDP2 in place: `fully_shard` on every block the policy picks, then on the whole model. A block
+    holding the input embeddings stays in the root unit, whole for the entire forward: prompt methods embed
+    their tokens outside that block's forward, and an output layer may share the embedding matrix.
+
+    Processes other than the first may hold the model on the meta device (built without memory, adapters
+    included): their shards are then allocated on `device` and filled from the first process's model."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
 
+    on_meta = any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, on_meta)
+    if flags[0]:
+        raise UsageError("FSDP meta-device init: the first process must hold the real weights (it broadcasts them)")
+    whole = model.state_dict() if any(flags) and dist.get_rank() == 0 else {}
+    if not on_meta:
+        model.to(device)
     policy = fsdp_auto_wrap_policy(model)
-    for module in [m for m in model.modules() if m is not model and policy(m)]:  # listed first: sharding alters them
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    blocks = [m for m in model.modules() if m is not model and policy(m)  # listed first: sharding alters them
+              and not any(sub is embeddings for sub in m.modules())]
+    for module in blocks:
         fully_shard(module)
     fully_shard(model)
+    if any(flags):
+        if on_meta:
+            model.to_empty(device=device)
+        set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for buffer in model.buffers():  # also those outside the state dict (position ids)
+            dist.broadcast(buffer, src=0)
     return model
-
-
-def _zero3_params(params) -> list:
-    return [p for p in params if hasattr(p, "ds_id")]
-
-
-def numel(param: torch.Tensor) -> int:
-    """Elements of the whole parameter, also while ZeRO-3 holds only a shard of it (numel 0)."""
-    return getattr(param, "ds_numel", param.numel())
-
-
-@contextlib.contextmanager
-def gathered(model: nn.Module, trainable_only: bool = True):
-    """Inside the block the (trainable, or all) parameters are whole tensors on every process; collective.
-    Changes made inside are not kept under FSDP and ZeRO-3: write with `load_full_trainable`. Run no forward
-    or backward inside."""
-    params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
-    zero3 = _zero3_params(params)
-    if zero3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
-            yield model
-        return
-    # FSDP: each DTensor parameter is swapped for a whole copy (gathered from the shards) until the block ends;
-    # nothing runs the model meanwhile, so FSDP's own hooks never see the swap.
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()  # a forward without backward leaves the root unit's parameters gathered in a buffer
-    swapped = []
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if isinstance(p, DTensor) and (p.requires_grad or not trainable_only):
-                module._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
-                swapped.append((module, name, p))
-    try:
-        yield model
-    finally:
-        for module, name, p in swapped:
-            module._parameters[name] = p
 
 
 def full_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     """Whole CPU copies of the trainable tensors, by parameter name; collective."""
     from .train_state import cpu_copy
 
-    with gathered(model):
+    with whole_parameters(model, trainable_only=True):
         return cpu_copy(model)
 
 
@@ -153,11 +176,8 @@ def load_full_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    zero3 = _zero3_params(params.values())
-    if zero3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=0):  # every process holds the same tensors
+    if any(hasattr(p, "ds_id") for p in params.values()):  # ZeRO-3
+        with whole_parameters(model, trainable_only=True, write_back=True):
             for name, p in params.items():
                 p.copy_(tensors[name])
         return
@@ -166,3 +186,53 @@ def load_full_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
         if isinstance(p, DTensor):  # each process keeps its own shard of the whole tensor it holds
             value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
         p.copy_(value)
+
+
+def deepspeed_backward_keeping_grads(engine, loss: torch.Tensor, params: list, max_grad_norm: float | None) -> list:
+    """What Accelerate's backward does on the last micro-batch of a step under DeepSpeed (backward, then the
+    engine's optimizer step, which clears the gradients), keeping whole copies of the gradients of `params`
+    taken in between, clipped as the engine clips them; collective."""
+    from deepspeed.utils import safe_get_full_grad
+
+    engine.set_gradient_accumulation_boundary(is_boundary=True)
+    engine.backward(loss)
+    grads = [None if g is None else g.detach().clone() for g in map(safe_get_full_grad, params)]
+    engine.step()
+    present = [g for g in grads if g is not None]
+    if max_grad_norm and present:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in present]))
+        scale = (max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        grads = [None if g is None else g * scale.to(g.dtype) for g in grads]
+    return grads
+
+
+@contextlib.contextmanager
+def whole_with_gradients(model: nn.Module, grads: list | None = None):
+    """For a method's work between the optimizer step and zero_grad (AdaLoRA's rank allocation): the
+    trainable parameters whole, each with its whole gradient (`grads` in the order of the trainable
+    parameters, or each one's own .grad); what the block writes into them is kept, under DeepSpeed also in
+    the optimizer's fp32 copy; collective."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params] if grads is None else grads
+    grads = [g.full_tensor() if isinstance(g, DTensor) else g for g in grads]
+    deepspeed = any(hasattr(p, "_hp_mapping") or hasattr(p, "ds_id") for p in params)
+    with whole_parameters(model, trainable_only=True, write_back=True):
+        whole = [p for p in model.parameters() if p.requires_grad]  # FSDP swapped in whole copies, same order
+        own_grads = [p.grad for p in whole]
+        before = [p.detach().clone() for p in whole] if deepspeed else []
+        for p, g in zip(whole, grads):
+            p.grad = None if g is None else g.to(p.dtype)
+        try:
+            yield
+        finally:
+            changed = [(i, p.detach().clone()) for i, (p, old) in enumerate(zip(whole, before))
+                       if not torch.equal(p.detach(), old)]
+            for p, grad in zip(whole, own_grads):
+                p.grad = grad
+    if changed:  # DeepSpeed's optimizer steps its own fp32 copy: write the changes there too
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for i, value in changed:
+            safe_set_full_fp32_param(params[i], value)

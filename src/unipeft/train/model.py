@@ -86,9 +86,11 @@ def generation_head(name: str, need_decoder_only: bool = False) -> str:
     return "causal"
 
 
-def load_model(name: str, labels: list[str], head: str = "classifier"):
+def load_model(name: str, labels: list[str], head: str = "classifier", on_meta: bool = False):
     """(model, tokenizer) with the output layer `head` asks for: a classifier over `labels`, a one-output
-    regressor, or a seq2seq / causal LM head; load errors become UsageErrors."""
+    regressor, or a seq2seq / causal LM head; load errors become UsageErrors. `on_meta`: the model is built on
+    the meta device without its weights (FSDP fills them from the first process)."""
+    import torch
     import transformers
 
     kwargs = {}
@@ -102,7 +104,11 @@ def load_model(name: str, labels: list[str], head: str = "classifier"):
     try:
         with _quiet_transformers():
             tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-            model = getattr(transformers, auto).from_pretrained(name, **kwargs)
+            if on_meta:
+                with torch.device("meta"):
+                    model = getattr(transformers, auto).from_config(transformers.AutoConfig.from_pretrained(name, **kwargs))
+            else:
+                model = getattr(transformers, auto).from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise UsageError(f"cannot load model {name!r} as {auto.removeprefix('AutoModelFor')}: {_first_line(exc)}") from None
     if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with end-of-text, and tell the model

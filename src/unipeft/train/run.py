@@ -328,7 +328,9 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
 
     import torch
 
+    from ..engine.sharding import numel, whole_parameters
     from .data import majority_label
+    from .engines import partitioned_loading, resolve_engine
     from .generation import pick_demos
     from .metrics import GREATER_IS_BETTER
     from .model import TASK_TYPES, load_model, resolve_model
@@ -343,7 +345,14 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     model_name = resolve_model(options.model)
     head = choose_head(task, options.eval_mode, model_name)
     torch.manual_seed(options.seed)  # the new head and the adapter start from seeded random values
-    model, tokenizer = load_model(model_name, dataset.labels, head)
+    engine = resolve_engine(options.engine)
+    if engine.zero_stage == 3:  # the base loads partitioned: every process takes part, in a process group
+        from accelerate.state import PartialState
+
+        PartialState(cpu=device.type == "cpu")
+    with partitioned_loading(engine):  # FSDP: only the first process reads the weights; it sends the others theirs
+        model, tokenizer = load_model(model_name, dataset.labels, head,
+                                      on_meta=engine.kind == "fsdp" and not is_main_process())
     _check_lengths(options, task, head, tokenizer, model)
     if method in PROMPT_METHODS:
         _check_room_for_virtual_tokens(options, model)
@@ -355,7 +364,7 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     log(f"model: {model_name} ({type(model).__name__}) on {device}")
     if config is None:  # full fine-tuning, the baseline: the model itself trains and is saved whole
         peft_model = model.requires_grad_(True)
-        trainable = total = sum(p.numel() for p in model.parameters())
+        trainable = total = sum(numel(p) for p in model.parameters())
         log(f"method: {method} (every weight trains; the whole model and its tokenizer are saved)")
     else:
         peft_model = _attach_adapter(model, config)
@@ -383,9 +392,7 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
     for name, values in extra.items():
         log(f"{name}: {_format(values)}")
 
-    from .engines import gathered
-
-    with gathered(peft_model):  # whole tensors under ZeRO-3 and FSDP; every process takes part
+    with whole_parameters(peft_model, trainable_only=True):  # whole tensors under ZeRO-3 and FSDP; every process takes part
         if is_main_process():
             peft_model.save_pretrained(output_dir)
             if config is None:

@@ -52,7 +52,11 @@ from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .batches import make_optimizer
-from .engines import Engine, full_trainable, load_full_trainable, resolve_engine, shard_fsdp
+from ..engine.sharding import whole_parameters
+from .engines import (
+    Engine, deepspeed_backward_keeping_grads, full_trainable, load_full_trainable, resolve_engine, shard_fsdp,
+    whole_with_gradients,
+)
 from .train_state import (CHECKPOINT, TrainState, check_resume, load_trainable, read_checkpoint,
                           rng_file, rng_state, set_rng_state, torch_bytes, write_checkpoint)
 
@@ -172,13 +176,16 @@ def _deepspeed_plugin(options: LoopOptions, engine: Engine, on_cpu: bool):
 
 def _accelerator(options: LoopOptions, engine: Engine):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
 
     if options.device not in (None, "cpu", "cuda"):
         raise UsageError(f"device must be None (Accelerate chooses), 'cpu' or 'cuda', got {options.device!r}")
     # AcceleratorState is a process-wide singleton that refuses a second fit with another precision;
-    # forget the previous fit's (the process group, in PartialState, stays).
-    AcceleratorState._reset_state()
+    # forget the previous fit's. PartialState (the process group stays initialised either way) is forgotten
+    # too when a DeepSpeed fit set it up and this fit runs without DeepSpeed.
+    after_deepspeed = PartialState._shared_state.get("distributed_type") == DistributedType.DEEPSPEED
+    AcceleratorState._reset_state(reset_partial_state=after_deepspeed and engine.kind != "deepspeed")
     on_cpu = options.device == "cpu" or not torch.cuda.is_available()
     kwargs = {"cpu": options.device == "cpu"}
     if engine.kind == "deepspeed":  # DeepSpeed runs on its own CPU accelerator: Accelerate's cpu=True would bypass it
@@ -235,17 +242,26 @@ def fit(model, train_examples: list, collate: Callable[[list], dict], evaluate: 
     if resume and engine.sharded:
         raise UsageError(f"--resume under {engine.kind} is not supported: the checkpoint holds only the main "
                          f"process's shard of the optimizer state; resume with DDP, or start again")
-    accelerator = _accelerator(options, engine)
-    contents = None
-    if resume:
-        folder, contents = read_checkpoint(run_dir)
-        check_resume(folder, contents, model, options, accelerator.num_processes, fixed)
+    # Accelerate marks the process as DeepSpeed's for good (ACCELERATE_USE_DEEPSPEED); a later fit in this
+    # process must read only what the user set, so the variable gets its value back at the end.
+    environment = os.environ.get("ACCELERATE_USE_DEEPSPEED")
     try:
-        return _Fit(accelerator, engine, model, train_examples, collate, evaluate, main_metric, greater_is_better,
-                    options, run_dir, log, contents, fixed).run()
+        accelerator = _accelerator(options, engine)
+        contents = None
+        if resume:
+            folder, contents = read_checkpoint(run_dir)
+            check_resume(folder, contents, model, options, accelerator.num_processes, fixed)
+        try:
+            return _Fit(accelerator, engine, model, train_examples, collate, evaluate, main_metric, greater_is_better,
+                        options, run_dir, log, contents, fixed).run()
+        finally:
+            accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drops the autocast wrapper from forward
+            accelerator.free_memory()
     finally:
-        accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # drops the autocast wrapper from forward
-        accelerator.free_memory()
+        if environment is None:
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = environment
 
 
 class _Fit:
@@ -274,7 +290,7 @@ class _Fit:
         if fsdp:
             if not torch.distributed.is_initialized():
                 raise UsageError("FSDP needs several processes: start them with torchrun or accelerate launch")
-            model = shard_fsdp(model.to(accelerator.device))
+            model = shard_fsdp(model, accelerator.device)
         self.autocast = accelerator.autocast if fsdp else contextlib.nullcontext  # prepare adds it otherwise
         optimizer = make_optimizer(model, options.lr, options.weight_decay)
         loader = self._loader(self.state.epoch)
@@ -351,7 +367,13 @@ class _Fit:
                         self.window["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
                     with self.autocast():
                         loss = self.model(**batch).loss
-                    accelerator.backward(loss)
+                    grads = None
+                    if stepped and self.allocate is not None and self.engine.kind == "deepspeed":
+                        # DeepSpeed's step (inside backward) clears the gradients the allocation reads
+                        grads = deepspeed_backward_keeping_grads(self.model, loss, self.params,
+                                                                 options.max_grad_norm)
+                    else:
+                        accelerator.backward(loss)
                     micro_losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
                     rows = _rows(batch) * accelerator.num_processes
                     self.window["examples"] += rows
@@ -361,8 +383,9 @@ class _Fit:
                             accelerator.clip_grad_norm_(self.params, options.max_grad_norm)
                         self.optimizer.step()
                         self.scheduler.step()
-                        if self.allocate is not None:
-                            self.allocate(state.step)  # after the step, while the gradients are still there
+                        if self.allocate is not None:  # after the step, while the gradients are still there
+                            with whole_with_gradients(self.model, grads):
+                                self.allocate(state.step)
                         self.optimizer.zero_grad(set_to_none=True)
                 state.consumed += 1
                 if not stepped:
@@ -469,7 +492,8 @@ class _Fit:
         if self.best is not None:
             load_full_trainable(self.accelerator.unwrap_model(self.model), self.best)  # every process calls it
             if self.best_method_state:  # the rank pattern (AdaLoRA) that goes with those tensors
-                self.load_step_state(self.best_method_state)
+                with whole_parameters(self.accelerator.unwrap_model(self.model), trainable_only=True, write_back=True):
+                    self.load_step_state(self.best_method_state)
             self.log(f"loaded the best evaluation's parameters (step {state.best_step})")
         return FitResult(history=list(state.history), best_metrics=state.best_metrics, best_step=state.best_step,
                          steps=state.step, epochs_run=self._epoch_progress(),
