@@ -322,6 +322,20 @@ def test_resume_refuses_changed_fixed_values_and_accepts_equal_ones(tmp_path):
     assert result.steps == 2
 
 
+def test_resume_under_another_engine_is_refused(tmp_path):
+    """The optimizer state's form depends on the engine (tests/test_distributed.py resumes under each one)."""
+    options = LoopOptions(epochs=1, batch_size=4, lr=1e-2, **QUIET)
+    fit(tiny_lora(), examples(8), collate, None, None, True, options, str(tmp_path))
+    state_file = tmp_path / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["engine"] == "ddp"
+    state_file.write_text(json.dumps({**state, "engine": "deepspeed"}))
+    files = folder_bytes(tmp_path)
+    with pytest.raises(UsageError, match="it was written under deepspeed, this run uses ddp; resume under deepspeed"):
+        fit(tiny_lora(), examples(8), collate, None, None, True, options, str(tmp_path), resume=True)
+    assert folder_bytes(tmp_path) == files
+
+
 def test_log_records_and_reports(tmp_path):
     steps_seen = []
 

@@ -12,8 +12,8 @@ adapter (save_pretrained; the whole model for full), the run folder (run/: log.j
 result.json: held-out loss before and after (the main process's), the held-out logits
 after, whether some trainable parameter was partitioned during training (ZeRO-3: numel 0; FSDP: a DTensor
 shard), whether the adapter merged (`merge_and_unload()` under the engine; the merged weights, gathered, in
-merged.safetensors) and, under ZeRO-3, the held-out logits of the saved adapter loaded into a fresh
-partitioned base.
+merged.safetensors) and, under ZeRO-3 and FSDP, the held-out logits of the saved adapter loaded into a fresh
+partitioned base (ZeRO-3: loaded partitioned; FSDP: built as above and sharded).
 A method that fails writes its traceback to OUT_DIR/METHOD/error_<rank>.txt and ends the launch.
 """
 import faulthandler
@@ -31,7 +31,7 @@ import matrix
 import unipeft
 from unipeft.engine.layers import AdapterError
 from unipeft.engine.sharding import whole_parameters
-from unipeft.train.engines import full_trainable, partitioned_loading, resolve_engine
+from unipeft.train.engines import full_trainable, partitioned_loading, resolve_engine, shard_fsdp
 from unipeft.train.run import is_main_process
 from unipeft.train.trainer import fit
 
@@ -117,6 +117,9 @@ def train(engine: str, out: str) -> dict:
         loaded = unipeft.PeftModel.from_pretrained(base_for(engine, options.engine, out), out)
         with whole_parameters(loaded):  # no DeepSpeed engine runs this model: its forward needs whole weights
             record["loaded_logits"] = matrix.held_out(loaded).logits.tolist()
+    if engine == "fsdp" and method != "full":  # into a base FSDP already shards
+        base = shard_fsdp(base_for(engine, options.engine, out), torch.device(matrix.DEVICE))
+        record["loaded_logits"] = matrix.held_out(unipeft.PeftModel.from_pretrained(base, out)).logits.tolist()
     record["merged"] = merge_and_save(model, method, out)
     return record
 

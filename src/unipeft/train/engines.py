@@ -232,7 +232,79 @@ def whole_with_gradients(model: nn.Module, grads: list | None = None):
             for p, grad in zip(whole, own_grads):
                 p.grad = grad
     if changed:  # DeepSpeed's optimizer steps its own fp32 copy: write the changes there too
-        from deepspeed.utils import safe_set_full_fp32_param
-
         for i, value in changed:
-            safe_set_full_fp32_param(params[i], value)
+            _set_deepspeed_whole(params[i], value)
+
+
+ADAM_STATE = ("exp_avg", "exp_avg_sq")  # AdamW's per-parameter state, besides its step count
+
+
+def full_optimizer_state(model: nn.Module, optimizer, engine: Engine) -> dict:
+    """The optimizer's state whole, gathered from every process's shard, in the form `load_full_optimizer_state`
+    reads under the same engine (for a checkpoint); collective. `model` as prepared, `optimizer` torch's AdamW
+    (FSDP, DDP) or DeepSpeed's ZeRO optimizer."""
+    if engine.kind == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                    cpu_offload=True))
+    if engine.kind == "deepspeed":
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        tensors = {f"{key}.{name}": safe_get_full_optimizer_state(p, key).detach().cpu()
+                   for name, p in _trainable(model) for key in ADAM_STATE}
+        steps = [state["step"] for state in optimizer.optimizer.state.values() if "step" in state]
+        return {"tensors": tensors, "step": steps[0] if steps else 0}
+    return optimizer.state_dict()
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer, engine: Engine, state: dict) -> None:
+    """Restore what `full_optimizer_state` returned (every process passes the whole state); collective."""
+    if engine.kind == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    elif engine.kind == "deepspeed":
+        # AdamW creates its state at the first step, and DeepSpeed maps each parameter's fragment of it only
+        # then: create it as that step would (zeros, step 0) and have DeepSpeed map it, then fill it in.
+        inner_state = optimizer.optimizer.state  # torch's AdamW over DeepSpeed's flat fp32 partitions (ZeRO-3, 1/2)
+        for flat in getattr(optimizer, "fp32_partitioned_groups_flat", None) or optimizer.single_partition_of_fp32_groups:
+            if "exp_avg" not in inner_state[flat]:
+                inner_state[flat].update({"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                          "exp_avg_sq": torch.zeros_like(flat)})
+        if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2
+            optimizer._lazy_init_hp_params_optimizer_state()
+        for name, p in _trainable(model):
+            for key in ADAM_STATE:
+                _set_deepspeed_whole(p, state["tensors"][f"{key}.{name}"].to(p.device), key)
+        for inner in inner_state.values():
+            if "step" in inner:
+                inner["step"] = state["step"].clone() if torch.is_tensor(state["step"]) else state["step"]
+    else:
+        optimizer.load_state_dict(state)
+
+
+def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Trainable parameters by the unwrapped model's names (a DeepSpeed engine prefixes them with module.)."""
+    module = getattr(model, "module", model)
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
+def _set_deepspeed_whole(param: nn.Parameter, value: torch.Tensor, state_key: str | None = None) -> None:
+    """DeepSpeed's safe_set_full_fp32_param (state_key None) or safe_set_full_optimizer_state: write a whole
+    tensor into this process's part of the optimizer's fp32 copy or state. Under ZeRO-3 it is written here:
+    DeepSpeed 0.19 slices the part out of `value` as if the last process's part were not padded, and fails
+    on a parameter whose size the number of processes does not divide."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    if not hasattr(param, "ds_id"):
+        if state_key is None:
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, state_key)
+        return
+    zero3 = param._z3_optimizer
+    part, _ = zero3._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=state_key)
+    start = part.numel() * zero3._get_param_partition_rank(param)
+    piece = value.flatten()[start:start + part.numel()]
+    part.data[:piece.numel()].copy_(piece)

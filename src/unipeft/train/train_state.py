@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load as safetensors_load
 
+from ..engine.sharding import shape
 from .errors import UsageError
 
 CHECKPOINT = "checkpoint"
@@ -57,19 +58,13 @@ def cpu_copy(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in trainable(model).items()}
 
 
-@torch.no_grad()
-def load_trainable(model, tensors: dict[str, torch.Tensor]) -> None:
-    for name, p in trainable(model).items():
-        p.copy_(tensors[name])
-
-
 def first_mismatch(model, tensors: dict[str, torch.Tensor]) -> str | None:
     params = trainable(model)
     for name, p in params.items():
         if name not in tensors:
             return f"the model trains {name}, which the checkpoint lacks"
-        if tuple(tensors[name].shape) != tuple(p.shape):
-            return f"{name} has shape {tuple(tensors[name].shape)} in the checkpoint, {tuple(p.shape)} in the model"
+        if tuple(tensors[name].shape) != tuple(shape(p)):
+            return f"{name} has shape {tuple(tensors[name].shape)} in the checkpoint, {tuple(shape(p))} in the model"
     extra = next((name for name in tensors if name not in params), None)
     return None if extra is None else f"the checkpoint holds {extra}, which the model does not train"
 
@@ -170,6 +165,7 @@ def read_checkpoint(run_dir: str) -> tuple[str, dict]:
         contents["options"] = dict(saved["options"])
         contents["fixed"] = dict(saved.get("fixed") or {})
         contents["num_processes"] = int(saved["num_processes"])
+        contents["engine"] = str(saved.get("engine", "ddp"))
     except (KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"cannot resume from {folder}: trainer_state.json is damaged ({exc})") from None
     for index in range(contents["num_processes"]):
@@ -177,9 +173,10 @@ def read_checkpoint(run_dir: str) -> tuple[str, dict]:
     return folder, contents
 
 
-def check_resume(folder: str, contents: dict, model, options, num_processes: int, fixed: dict) -> None:
+def check_resume(folder: str, contents: dict, model, options, num_processes: int, engine: str, fixed: dict) -> None:
     """UsageError unless the run can continue from `contents`: the same FIXED_ON_RESUME options, the same
-    caller's `fixed` values (JSON-normalised), the same number of processes, and tensors that fit the model."""
+    caller's `fixed` values (JSON-normalised), the same number of processes and kind of engine (the
+    optimizer state's form), and tensors that fit the model."""
     changed = [f"{name} ({contents['options'].get(name)!r} in the checkpoint, {getattr(options, name)!r} now)"
                for name in FIXED_ON_RESUME if contents["options"].get(name) != getattr(options, name)]
     changed += [f"{name} ({contents['fixed'].get(name)!r} in the checkpoint, {fixed.get(name)!r} now)"
@@ -191,6 +188,9 @@ def check_resume(folder: str, contents: dict, model, options, num_processes: int
     if contents["num_processes"] != num_processes:
         raise UsageError(f"cannot resume from {folder}: it was written by {contents['num_processes']} processes, "
                          f"this run has {num_processes}")
+    if contents["engine"] != engine:
+        raise UsageError(f"cannot resume from {folder}: it was written under {contents['engine']}, this run uses "
+                         f"{engine}; resume under {contents['engine']}")
     for name in ("trainable.safetensors", "best.safetensors"):
         problem = first_mismatch(model, contents[name]) if name in contents else None
         if problem:

@@ -24,8 +24,9 @@ Files written (by the main process) in run_dir:
 Several processes (torchrun, accelerate launch): `options.engine` picks DDP, FSDP2 or DeepSpeed ZeRO (see
 engines.py). Each process takes every num_processes-th batch of batch_size rows, so one optimizer step sees
 batch_size × num_processes rows. Only trainable parameters get gradients and optimizer state; the files above
-hold whole tensors under every engine (gathered from the shards). Under FSDP and DeepSpeed the checkpoint's
-optimizer.pt is the main process's shard only, so such a run cannot be resumed (refused).
+hold whole tensors under every engine (gathered from the shards), optimizer.pt too (under FSDP by parameter
+name, under DeepSpeed AdamW's moments by parameter name and its step), so a run resumes under the same engine
+and number of processes.
 
 `resume=True` continues from checkpoint/ exactly (same data order, optimizer, schedule, RNG and best tracking);
 log.jsonl is rewritten from the checkpoint's history, so records written after the checkpoint are dropped.
@@ -54,10 +55,10 @@ from .errors import UsageError
 from .batches import make_optimizer
 from ..engine.sharding import whole_parameters
 from .engines import (
-    Engine, deepspeed_backward_keeping_grads, full_trainable, load_full_trainable, resolve_engine, shard_fsdp,
-    whole_with_gradients,
+    Engine, deepspeed_backward_keeping_grads, full_optimizer_state, full_trainable, load_full_optimizer_state,
+    load_full_trainable, resolve_engine, shard_fsdp, whole_with_gradients,
 )
-from .train_state import (CHECKPOINT, TrainState, check_resume, load_trainable, read_checkpoint,
+from .train_state import (CHECKPOINT, TrainState, check_resume, read_checkpoint,
                           rng_file, rng_state, set_rng_state, torch_bytes, write_checkpoint)
 
 LOG = "log.jsonl"
@@ -239,9 +240,6 @@ def fit(model, train_examples: list, collate: Callable[[list], dict], evaluate: 
     if options.early_stopping is not None and main_metric is None:
         raise UsageError("early_stopping needs an evaluate function and a main_metric")
     engine = resolve_engine(options.engine)
-    if resume and engine.sharded:
-        raise UsageError(f"--resume under {engine.kind} is not supported: the checkpoint holds only the main "
-                         f"process's shard of the optimizer state; resume with DDP, or start again")
     # Accelerate marks the process as DeepSpeed's for good (ACCELERATE_USE_DEEPSPEED); a later fit in this
     # process must read only what the user set, so the variable gets its value back at the end.
     environment = os.environ.get("ACCELERATE_USE_DEEPSPEED")
@@ -250,7 +248,7 @@ def fit(model, train_examples: list, collate: Callable[[list], dict], evaluate: 
         contents = None
         if resume:
             folder, contents = read_checkpoint(run_dir)
-            check_resume(folder, contents, model, options, accelerator.num_processes, fixed)
+            check_resume(folder, contents, model, options, accelerator.num_processes, engine.kind, fixed)
         try:
             return _Fit(accelerator, engine, model, train_examples, collate, evaluate, main_metric, greater_is_better,
                         options, run_dir, log, contents, fixed).run()
@@ -280,7 +278,7 @@ class _Fit:
         self.best = contents.get("best.safetensors") if contents else None
         self.best_method_state = contents.get("best_method_state.pt") if contents else None  # goes with self.best
         if contents:
-            load_trainable(model, contents["trainable.safetensors"])
+            load_full_trainable(model, contents["trainable.safetensors"])
         if accelerator.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(accelerator.device)
 
@@ -324,10 +322,13 @@ class _Fit:
 
             atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in self.state.history))
         if contents:
-            self.optimizer.load_state_dict(contents["optimizer.pt"])
+            load_full_optimizer_state(self.model, self.optimizer.optimizer, self.engine, contents["optimizer.pt"])
             self.scheduler.load_state_dict(contents["scheduler.pt"])
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr  # the schedule's current rate (DeepSpeed's optimizer state does not hold it)
             if "method_state.pt" in contents:
-                self.load_step_state(contents["method_state.pt"])
+                with whole_parameters(unwrapped, trainable_only=True, write_back=True):
+                    self.load_step_state(contents["method_state.pt"])
             # last, so nothing above draws from the restored generators
             set_rng_state(contents[rng_file(accelerator.process_index)])
             self.log(f"resumed from {CHECKPOINT}/ at step {self.state.step} (epoch {self.state.epoch + 1}, "
@@ -443,8 +444,9 @@ class _Fit:
 
         rng_states = gather_object([rng_state()])  # every process's, in process order (all processes call it)
         trainable = full_trainable(self.accelerator.unwrap_model(self.model))  # collective under sharding
+        optimizer_state = full_optimizer_state(self.model, self.optimizer.optimizer, self.engine)  # collective
         if self.main:
-            self._save(trainable, rng_states)
+            self._save(trainable, optimizer_state, rng_states)
         self.accelerator.wait_for_everyone()
         self.paused += time.perf_counter() - started
         self.window["start"] = time.perf_counter()
@@ -466,10 +468,10 @@ class _Fit:
                 self.log(f"early stopping at step {state.step}: {state.bad_evals} evaluations without improving "
                          f"{self.main_metric} (best at step {state.best_step})")
 
-    def _save(self, trainable: dict, rng_states: list[dict]) -> None:
+    def _save(self, trainable: dict, optimizer_state: dict, rng_states: list[dict]) -> None:
         files = {
             "trainable.safetensors": safetensors_save(trainable),
-            "optimizer.pt": torch_bytes(self.optimizer.state_dict()),
+            "optimizer.pt": torch_bytes(optimizer_state),
             "scheduler.pt": torch_bytes(self.scheduler.state_dict()),
             "trainer_state.json": json.dumps({"state": dataclasses.asdict(self.state),
                                               "options": dataclasses.asdict(self.options), "fixed": self.fixed,
