@@ -178,10 +178,21 @@ def test_engine_trains_every_method_like_one_process(tmp_path_factory, engine):
                           + launch_error + "\n\n".join(f"{m}: {e[:1500]}" for m, e in failures.items()))
 
 
-@pytest.mark.parametrize("engine", ["configs/deepspeed/zero3.json", "fsdp"])
-def test_unipeft_train_under_torchrun_saves_a_run_that_one_process_reproduces(engine, tmp_path, capsys):
-    """The command line end to end: `torchrun -m unipeft train --engine ...` on 2 processes writes one run folder
-    (the main process alone), whose adapter `unipeft test` (one process) scores exactly as metrics.json says."""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+
+
+@pytest.mark.parametrize("launcher, engine_args, engine", [
+    (TORCHRUN, ["--engine", "configs/deepspeed/zero3.json"], "deepspeed"),
+    (TORCHRUN, ["--engine", "fsdp"], "fsdp"),
+    (ACCELERATE + ["configs/accelerate/fsdp.yaml"], [], "fsdp"),  # the engine from accelerate's settings
+    (ACCELERATE + ["configs/accelerate/ddp.yaml"], ["--engine", "configs/deepspeed/zero2.json"], "deepspeed"),
+], ids=["torchrun-zero3", "torchrun-fsdp", "accelerate-fsdp", "accelerate-zero2"])
+def test_unipeft_train_under_a_launcher_saves_a_run_that_one_process_reproduces(launcher, engine_args, engine,
+                                                                                 tmp_path, capsys):
+    """The command line end to end: `torchrun -m unipeft train --engine ...` or `accelerate launch --config_file
+    configs/accelerate/... -m unipeft train` on 2 processes writes one run folder (the main process alone), whose
+    adapter `unipeft test` (one process) scores exactly as metrics.json says."""
     import workflow_models as W
     from unipeft.cli import main
 
@@ -189,13 +200,15 @@ def test_unipeft_train_under_torchrun_saves_a_run_that_one_process_reproduces(en
     data = W.write_csv(tmp_path / "reviews.csv", ["text", "label"], W.sentiment_rows(160, noise=0.1))
     out = tmp_path / "run"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "unipeft",
-               "train", "--model", bert, "--data", data, "--epochs", "2", "--batch-size", "8", "--max-length", "16",
-               "--lr", "0.01", "--no-progress", "--engine", engine, "--output-dir", str(out)]
+    command = [*launcher, "-m", "unipeft", "train", "--model", bert, "--data", data, "--epochs", "2",
+               "--batch-size", "8", "--max-length", "16", "--lr", "0.01", "--no-progress", *engine_args,
+               "--output-dir", str(out)]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 16  # 128 training rows, 8 a process and step: 8 steps an epoch
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert (state["engine"], state["num_processes"]) == (engine, 2)
     tensors = load_file(out / "adapter_model.safetensors")
     assert all(t.numel() > 0 for t in tensors.values())
     assert sum(t.numel() for t in tensors.values()) == metrics["trainable_params"]

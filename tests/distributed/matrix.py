@@ -82,8 +82,9 @@ def held_out(model):
     """The model's output on the held-out rows (in eval mode, without gradients)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device  # the GPU columns train on cuda
     with torch.no_grad():
-        outputs = model(**collate(HELD_OUT))
+        outputs = model(**{key: value.to(device) for key, value in collate(HELD_OUT).items()})
     model.train(was_training)
     return outputs
 
