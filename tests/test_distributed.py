@@ -136,6 +136,15 @@ def check_cell(engine: str, method: str, out: str, root: str) -> None:
                     load_file(os.path.join(expected, "run", "checkpoint", name)),
                     None if shape_only else load_file(os.path.join(expected, "initial.safetensors")), low_precision,
                     f"{method} {name}")
+    # optimizer state for the trainable parameters alone (FSDP keys it by name, DDP by position)
+    trained = set(load_file(os.path.join(out, method, "run", "checkpoint", "trainable.safetensors")))
+    optimizer = torch.load(os.path.join(out, method, "run", "checkpoint", "optimizer.pt"), weights_only=True)
+    if engine == "fsdp":
+        assert set(optimizer["state"]) == trained, f"{method}: FSDP optimizer state for {set(optimizer['state']) ^ trained}"
+    elif engine.startswith("zero"):
+        assert {name.split(".", 1)[1] for name in optimizer["tensors"]} == trained, method
+    else:
+        assert len(optimizer["state"]) == len(trained), method
     initial = load_file(os.path.join(out, method, "initial.safetensors"))  # created on the engine's base
     assert_same(initial, load_file(os.path.join(expected, "initial.safetensors")), {}, False, f"{method} created")
     logits = matrix.held_out(reloaded(os.path.join(out, method), method)).logits
