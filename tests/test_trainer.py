@@ -211,7 +211,11 @@ def test_per_step_work_runs_once_per_optimizer_step(tmp_path):
 
     model.base_model.update_and_allocate = update_and_allocate
     fit(model, examples(16), collate, None, None, True,
-        LoopOptions(epochs=2, batch_size=2, grad_accum=2, lr=1e-2, **QUIET), str(tmp_path))
+        LoopOptions(epochs=2, batch_size=2, grad_accum=2, lr=1e-2, **QUIET), str(tmp_path / "lora"))
+    assert calls == []  # LoRA has no per-step work: the loop neither calls it nor keeps gradients for it
+    model.base_model.has_step_work = lambda: True
+    fit(model, examples(16), collate, None, None, True,
+        LoopOptions(epochs=2, batch_size=2, grad_accum=2, lr=1e-2, **QUIET), str(tmp_path / "with_work"))
     assert calls == [(step, True, True) for step in range(8)]  # 16 rows / (2 × 2) = 4 steps an epoch
 
 

@@ -14,7 +14,7 @@ from .config import PeftConfig, TaskType, ConfigError
 from .engine.checkpoint import key_prefix, load_adapter_tensors, save_adapter
 from .engine.inject import AdapterModel
 from .engine.layers import AdapterError, AdapterLayer, named_part_tensors
-from .engine.sharding import numel
+from .engine.sharding import numel, reshard
 from .engine.sites import task_heads
 from .engine.targeting import logical_modules, name_matches
 
@@ -211,12 +211,15 @@ class PeftModel(nn.Module):
         self.base_model.delete_adapter(adapter_name)
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        reshard(self)  # FSDP: writes go to the shards (this model may be the root unit)
         self.base_model.merge(adapter_names, safe_merge)
 
     def unmerge_adapter(self) -> None:
+        reshard(self)
         self.base_model.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        reshard(self)
         return self.base_model.unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:

@@ -90,6 +90,10 @@ class AdapterModel(nn.Module):
         for name, spec in self._training_specs("after_optimizer_step"):
             spec.after_optimizer_step(self, name, global_step)
 
+    def has_step_work(self) -> bool:
+        """Whether `update_and_allocate` does anything: some training adapter's method works after each step."""
+        return any(True for _ in self._training_specs("after_optimizer_step"))
+
     def step_state_dict(self) -> dict[str, dict]:
         """What the training adapters' per-step work keeps between steps (AdaLoRA's importance scores), by
         adapter name: saved with a training checkpoint so a resumed run continues exactly."""
@@ -261,12 +265,11 @@ class AdapterModel(nn.Module):
         plan = self.plan(name, config)
         base_tensors = self.fill_plan(plan, state_dict, source) if state_dict is not None else {}
         self.apply_plan(plan)  # not `apply`: nn.Module.apply(fn) must keep its meaning (DeepSpeed, FSDP call it)
-        targets = {key: self._base_parameter(key) for key in base_tensors}
-        owners = [m for m in self.model.modules() if any(p is t for p in m.parameters(recurse=False)
-                                                         for t in targets.values())]
+        targets = [self._base_parameter(key) for key in base_tensors]
+        owners = [m for m in self.model.modules() if any(p is t for p in m.parameters(recurse=False) for t in targets)]
         with torch.no_grad(), whole_parameters(owners, write_back=True):
             for key, value in base_tensors.items():
-                targets[key].copy_(value)
+                self._base_parameter(key).copy_(value)  # looked up here: FSDP swaps in whole copies
         if not self.adapter_state.active:
             self.adapter_state.active = [name]
         self.refresh_trainable()

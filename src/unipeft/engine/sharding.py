@@ -44,13 +44,9 @@ def whole_parameters(modules: nn.Module | Iterable[nn.Module], trainable_only: b
     """Inside the block every (trainable, or all) parameter of `modules` (recursively) is a whole tensor on
     every process. With `write_back` what the block writes into them is kept (each process must write the
     same values); without it, changes may be lost. Run no forward or backward inside."""
-    from torch.distributed.fsdp import FSDPModule
-
     modules = [modules] if isinstance(modules, nn.Module) else list(modules)
     for m in modules:
-        for module in m.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()  # a forward without backward leaves the root unit's parameters unsharded
+        reshard(m)
     params = list({id(p): p for m in modules for p in m.parameters()
                    if p.requires_grad or not trainable_only}.values())
     zero3 = _zero3(params)
@@ -68,23 +64,40 @@ def whole_parameters(modules: nn.Module | Iterable[nn.Module], trainable_only: b
     # FSDP: each DTensor parameter is swapped for a whole copy (gathered from the shards) until the block ends;
     # nothing runs the model meanwhile, so FSDP's own hooks never see the swap.
     wanted = {id(p) for p in params}
+    copies: dict[int, nn.Parameter] = {}  # one whole copy a parameter, also where it is tied to several modules
     swapped = []
     for m in modules:
         for module in m.modules():
             for name, p in list(module._parameters.items()):
                 if id(p) in wanted and _is_dtensor(p):
-                    module._parameters[name] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                    if id(p) not in copies:
+                        copies[id(p)] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                    module._parameters[name] = copies[id(p)]
                     swapped.append((module, name, p))
     try:
         yield
     finally:
+        written = set()
         for module, name, p in swapped:
-            if write_back:
+            if write_back and id(p) not in written:
+                written.add(id(p))
                 with torch.no_grad():
                     whole = module._parameters[name].detach().to(p.device, p.dtype)
                     p.to_local().copy_(distribute_tensor(whole, p.device_mesh, p.placements,
                                                          src_data_rank=None).to_local())
             module._parameters[name] = p
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP unit of `model` back to its shards: a forward without backward leaves the root unit's
+    parameters unsharded in a buffer, where writes would be lost."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def plain_copy(module: nn.Module) -> nn.Module:

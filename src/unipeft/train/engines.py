@@ -196,7 +196,8 @@ def deepspeed_backward_keeping_grads(engine, loss: torch.Tensor, params: list, m
 
     engine.set_gradient_accumulation_boundary(is_boundary=True)
     engine.backward(loss)
-    grads = [None if g is None else g.detach().clone() for g in map(safe_get_full_grad, params)]
+    scale = float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0)  # fp16: the gradients are still scaled
+    grads = [None if g is None else g.detach() / scale for g in map(safe_get_full_grad, params)]
     engine.step()
     present = [g for g in grads if g is not None]
     if max_grad_norm and present:

@@ -107,6 +107,10 @@ def load_model(name: str, labels: list[str], head: str = "classifier", on_meta: 
             if on_meta:
                 with torch.device("meta"):
                     model = getattr(transformers, auto).from_config(transformers.AutoConfig.from_pretrained(name, **kwargs))
+                try:  # decoding as the first process decodes (its from_pretrained reads this file)
+                    model.generation_config = transformers.GenerationConfig.from_pretrained(name)
+                except OSError:
+                    pass  # the model has none: from_config derived one from its config, as from_pretrained does
             else:
                 model = getattr(transformers, auto).from_pretrained(name, **kwargs)
     except (OSError, ValueError, KeyError) as exc:

@@ -312,7 +312,8 @@ class _Fit:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         unwrapped = accelerator.unwrap_model(self.model)
         adapters = getattr(unwrapped, "base_model", None)
-        self.allocate = getattr(adapters, "update_and_allocate", None)
+        # only where some method works after each step (AdaLoRA): elsewhere no gradient is kept or gathered
+        self.allocate = adapters.update_and_allocate if getattr(adapters, "has_step_work", bool)() else None
         self.step_state = getattr(adapters, "step_state_dict", lambda: {})
         self.load_step_state = getattr(adapters, "load_step_state_dict", None)
 
