@@ -29,6 +29,8 @@ def shape(param: torch.Tensor) -> torch.Size:
 
 
 def _is_dtensor(tensor) -> bool:
+    if not torch.distributed.is_available():  # torch built without distributed support
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)

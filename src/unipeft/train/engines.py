@@ -173,19 +173,10 @@ def full_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_full_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy whole tensors into the (possibly sharded) trainable parameters; collective. Under ZeRO-1/2/3 the
     optimizer keeps its own fp32 copy: this is for the end of training (or before the engine starts)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if any(hasattr(p, "ds_id") for p in params.values()):  # ZeRO-3
-        with whole_parameters(model, trainable_only=True, write_back=True):
-            for name, p in params.items():
-                p.copy_(tensors[name])
-        return
-    for name, p in params.items():
-        value = tensors[name].to(p.device, p.dtype)
-        if isinstance(p, DTensor):  # each process keeps its own shard of the whole tensor it holds
-            value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
-        p.copy_(value)
+    with whole_parameters(model, trainable_only=True, write_back=True):  # every process holds the same tensors
+        for name, p in model.named_parameters():  # under FSDP the whole copies, written back to the shards
+            if p.requires_grad:
+                p.copy_(tensors[name].to(p.device, p.dtype))
 
 
 def deepspeed_backward_keeping_grads(engine, loss: torch.Tensor, params: list, max_grad_norm: float | None) -> list:
