@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import families as F
+from peft_interop import peft_base
 from test_prompt_properties import T, make, run
 from unipeft import (
     AdapterError, ConfigError, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model,
@@ -58,7 +59,7 @@ def test_unipeft_checkpoint_loads_in_peft(family, task, name, tmp_path):
                 p.normal_(0, 0.5)
     batch = inputs(family, task)
     ours.export_flat(tmp_path)  # the inference form: exactly what PEFT writes
-    theirs = hf.PeftModel.from_pretrained(F.make_model(family, task), tmp_path).eval()
+    theirs = hf.PeftModel.from_pretrained(peft_base(F.make_model(family, task)), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_output(theirs(**batch), task), run(ours, batch), rtol=0, atol=1e-5)
 
@@ -67,7 +68,7 @@ def test_unipeft_checkpoint_loads_in_peft(family, task, name, tmp_path):
 @pytest.mark.parametrize("family,task", CELLS, ids=[f"{f}-{t}" for f, t in CELLS])
 def test_peft_checkpoint_loads_in_unipeft(family, task, name, tmp_path):
     torch.manual_seed(4)
-    theirs = hf.get_peft_model(F.make_model(family, task), config_of(hf, name, task))
+    theirs = hf.get_peft_model(peft_base(F.make_model(family, task)), config_of(hf, name, task))
     with torch.no_grad():
         for p in theirs.parameters():
             if p.requires_grad:
@@ -89,7 +90,7 @@ def test_prefix_with_checkpointing_where_the_model_drops_the_cache_is_refused():
     peft = make("prefix", "gpt2", "CAUSAL_LM")
     peft.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft.train()
-    with pytest.raises(AdapterError, match="passes no past_key_values to its layers under gradient checkpointing"):
+    with pytest.raises(AdapterError, match="passes no cache to its layers under gradient checkpointing"):
         peft(**F.make_batch("gpt2", "CAUSAL_LM"))
 
 
@@ -162,7 +163,7 @@ def test_text_init_uses_the_embeddings_of_the_text():
 def test_prefix_on_model_without_cache_interface(family):
     model = F.make_model(family, "SEQ_CLS")
     before = snapshot(model)
-    with pytest.raises(ConfigError, match="prefix tuning needs attention that reads past_key_values"):
+    with pytest.raises(ConfigError, match="prefix tuning needs attention that reads a key/value cache"):
         get_peft_model(model, PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=T))
     after = snapshot(model)
     assert before[0] == after[0] and all(torch.equal(p, after[1][n]) for n, p in before[1].items())

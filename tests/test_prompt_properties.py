@@ -18,7 +18,7 @@ from unipeft import (
 )
 
 T = 3  # virtual tokens
-NO_CACHE = {"deberta", "deberta-v2"}  # their attention takes no past_key_values: no prefix tuning
+NO_CACHE = {"deberta", "deberta-v2"}  # their attention takes no cache: no prefix tuning
 METHODS = {
     "prompt": lambda task: PromptTuningConfig(task_type=task, num_virtual_tokens=T),
     "ptuning": lambda task: PromptEncoderConfig(task_type=task, num_virtual_tokens=T, encoder_hidden_size=16),

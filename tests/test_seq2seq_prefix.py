@@ -16,7 +16,7 @@ import transformers
 from safetensors.torch import load_file
 
 import families as F
-from unipeft import AdapterError, ConfigError, PeftModel, PrefixTuningConfig, get_peft_model
+from unipeft import AdapterError, ConfigError, PeftModel, PrefixTuningConfig, compat, get_peft_model
 
 T = 3
 TASK = "SEQ_2_SEQ_LM"
@@ -480,4 +480,5 @@ def test_a_cache_from_another_adapter_is_refused():
     with peft.disable_adapter():
         out = peft(input_ids=ids, decoder_input_ids=torch.tensor([[0]]), use_cache=True)
     with pytest.raises(AdapterError, match="not produced with prefix adapter"):
-        peft(input_ids=ids, decoder_input_ids=torch.tensor([[4]]), past_key_values=out.past_key_values)
+        cache = {compat.cache_keyword(peft.get_base_model()): compat.output_cache(out)}
+        peft(input_ids=ids, decoder_input_ids=torch.tensor([[4]]), **cache)

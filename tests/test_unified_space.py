@@ -33,7 +33,7 @@ def point(task, attn, ffn) -> UnifiedConfig:
 def expected_error(family, attn) -> str | None:
     concat = attn[0] in ("prefix", "prefix_nomlp") and (attn[1] == "concat" or attn[2] == "gate_add")
     if concat and family in NO_CACHE:
-        return "past_key_values"
+        return "reads a key/value cache"
     if attn[0] == "bitfit" and family in NO_BIAS:
         return "no module with a bias"
     return None

@@ -7,7 +7,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .compat import warn_if_untested
+
 __version__ = "0.1.0"
+warn_if_untested()
 
 _EXPORTS = {
     "PeftConfig": "config", "TaskType": "config", "get_peft_config": "config", "ConfigError": "config",

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .compat import name_or_path, task_model_classes
 from .config import PeftConfig, TaskType, ConfigError
 from .engine.checkpoint import key_prefix, load_adapter_tensors, save_adapter
 from .engine.inject import AdapterModel
@@ -18,36 +19,20 @@ from .engine.sharding import numel, reshard
 from .engine.sites import task_heads
 from .engine.targeting import logical_modules, name_matches
 
-# transformers auto-mapping tables that say which model classes fit which task
-_TASK_MAPPINGS = {
-    TaskType.SEQ_CLS: "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-    TaskType.CAUSAL_LM: "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-    TaskType.SEQ_2_SEQ_LM: "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
-    TaskType.TOKEN_CLS: "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
-    TaskType.FEATURE_EXTRACTION: "MODEL_MAPPING_NAMES",
-}
-
-
 def check_task(model: nn.Module, task_type) -> None:
     """Refuse a task type that the model class cannot serve (e.g. CAUSAL_LM on a classifier)."""
-    if task_type is None or TaskType(task_type) not in _TASK_MAPPINGS:
+    tables = task_model_classes()
+    if task_type is None or TaskType(task_type).value not in tables:
         return
-    from transformers.models.auto import modeling_auto
-
-    all_classes = set()
-    for table in _TASK_MAPPINGS.values():
-        for value in getattr(modeling_auto, table).values():
-            all_classes.update([value] if isinstance(value, str) else value)
     cls_name = type(model).__name__
-    if cls_name not in all_classes:
+    if not any(cls_name in names for table in tables.values() for names in table.values()):
         return  # a custom model: we cannot tell, so trust the user
-    table = getattr(modeling_auto, _TASK_MAPPINGS[TaskType(task_type)])
-    fitting = {c for v in table.values() for c in ([v] if isinstance(v, str) else v)}
-    if cls_name not in fitting:
+    table = tables[TaskType(task_type).value]
+    if not any(cls_name in names for names in table.values()):
+        fitting = sorted(table.get(getattr(model.config, "model_type", ""), ())) or ["the task-specific class"]
         raise ConfigError(
             f"task_type={TaskType(task_type).value} does not fit {cls_name}; load the model with the matching "
-            f"Auto class (e.g. {table.get(getattr(model.config, 'model_type', ''), 'the task-specific class')}) "
-            f"or change task_type"
+            f"Auto class (e.g. {', '.join(fitting)}) or change task_type"
         )
 
 
@@ -59,7 +44,7 @@ def _with_task_heads(model: nn.Module, config: PeftConfig) -> PeftConfig:
     if heads and hasattr(config, "modules_to_save"):
         config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        config.base_model_name_or_path = name_or_path(getattr(model, "config", None))
     return config
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..compat import is_conv1d
+
 BASE = "__base__"  # mixed-batch name meaning "no adapter for this row"
 
 
@@ -237,13 +239,6 @@ def wrapper_of(module: nn.Module, layer_cls: type) -> "AdapterLayer | None":
             return module
         module = module.base_layer
     return None
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2), a Linear whose weight is stored [in, out]."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)
 
 
 def out_features(module: nn.Module) -> int:

@@ -9,19 +9,19 @@ Sites (`PrefixTuningConfig.prefix_sites`):
   later steps; the decoder's encoder mask grows to match.
 - `encoder_self`: the encoder's self-attention. Encoders take no cache (T5's encoder even drops one), so
   the encoder call carries the prefix cache in an extra keyword (`ENCODER_PREFIX`) that the stock layers
-  pass down, and a forward pre-hook on each encoder attention module turns it into that module's
-  `past_key_values`. Because the prefix travels with the call, recomputation under gradient checkpointing
+  pass down, and a forward pre-hook on each encoder attention module turns it into that module's cache
+  argument. Because the prefix travels with the call, recomputation under gradient checkpointing
   sees the same prefix. Relative position biases (T5) give the prefix columns no bias: real tokens keep
   their relative positions and the prefix has no position.
 """
 from __future__ import annotations
 
-import inspect
 import weakref
 
 import torch
 import torch.nn as nn
 
+from .. import compat
 from .layers import AdapterError
 
 DECODER_SELF, ENCODER_SELF, CROSS = "decoder_self", "encoder_self", "cross"
@@ -35,12 +35,7 @@ def sites_of(prompt: nn.Module) -> tuple[str, ...]:
 
 def attention_modules(stack: nn.Module) -> list[nn.Module]:
     """The attention modules of a transformers stack that read a cache (T5Attention, BartAttention, ...)."""
-    found = []
-    for module in stack.modules():
-        params = inspect.signature(module.forward).parameters
-        if "past_key_values" in params and "key_value_states" in params and isinstance(getattr(module, "layer_idx", None), int):
-            found.append(module)
-    return found
+    return [module for module in stack.modules() if compat.attention_reads_cache(module)]
 
 
 def attention_layers(stack: nn.Module) -> int:
@@ -79,7 +74,7 @@ def _take_prefix(module: nn.Module, args: tuple, kwargs: dict):
     cache = kwargs.pop(ENCODER_PREFIX, None)
     if cache is None:
         return None
-    kwargs["past_key_values"] = cache
+    kwargs[compat.cache_keyword(module)] = cache
     if "position_bias" in kwargs:  # T5-style attention
         kwargs["position_bias"] = _unbiased_prefix(module, args, kwargs, cache.get_seq_length(module.layer_idx))
     return args, kwargs
@@ -91,8 +86,8 @@ def _unbiased_prefix(module: nn.Module, args: tuple, kwargs: dict, count: int) -
     bias = kwargs.get("position_bias")
     hidden = args[0] if args else kwargs["hidden_states"]
     length = hidden.shape[1]
-    if bias is None and getattr(module, "has_relative_attention_bias", False):
-        bias = module.compute_bias(length, length, device=hidden.device)
+    if bias is None:
+        bias = compat.relative_position_bias(module, length, hidden.device)
     if bias is None or bias.shape[-1] != length:
         return bias
     return torch.cat([bias.new_zeros(*bias.shape[:-1], count), bias], dim=-1)

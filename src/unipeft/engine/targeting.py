@@ -11,6 +11,7 @@ from typing import Iterable
 
 import torch.nn as nn
 
+from ..compat import is_conv1d
 from .layers import base_named_modules, innermost
 from .sites import DEFAULT_LAYER_PATTERNS, family_of
 
@@ -39,9 +40,7 @@ def layer_index(name: str, layers_pattern) -> int | None:
 
 
 def is_linear(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, (nn.Linear, Conv1D))
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 _WRAPPER_CHILDREN = {"base_layer", "original_module"}

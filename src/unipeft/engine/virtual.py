@@ -19,8 +19,9 @@ forward pre-hook and one forward hook to stock transformers modules (never repla
   `prefix_attention`).
 - deep prompts (M-IDPG) also replace the first `t` hidden positions before every later block.
 
-During training the prefix lives in a cache whose `update` never stores, so gradient checkpointing can
-recompute a layer without the prefix growing.
+The cache goes under the keyword each module takes (`compat.cache_keyword`: `cache` from transformers 5.25
+on, `past_key_values` before). During training the prefix lives in a cache whose `update` never stores, so
+gradient checkpointing can recompute a layer without the prefix growing.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .. import compat
 from .layers import AdapterError, AdapterState
 from .prefix_attention import (
     CROSS, DECODER_SELF, ENCODER_PREFIX, ENCODER_SELF, grow_mask, hook_encoder_attention, sites_of,
@@ -81,61 +83,22 @@ class VirtualInput(nn.Module):
         return sum(numel(p) for p in self.trainable_parameters())
 
 
-@functools.cache
-def _frozen_layer_class():
-    from transformers.cache_utils import DynamicLayer
-
-    class FrozenPrefixLayer(DynamicLayer):
-        """A cache layer that prepends a fixed prefix and stores nothing: idempotent under recomputation."""
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if self.keys is None:
-                return key_states, value_states
-            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-        def get_seq_length(self) -> int:
-            return 0 if self.keys is None else self.keys.shape[-2]
-
-    return FrozenPrefixLayer
-
-
-def _frozen_prefix_layer(keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
-    layer = _frozen_layer_class()()
-    layer.keys, layer.values, layer.is_initialized = keys, values, True
-    return layer
-
-
-class _NeverUpdated(dict):
-    """`is_updated` of a training cross-attention cache: always recompute, never remember."""
-
-    def __setitem__(self, key, value) -> None:
-        pass
-
-    def get(self, key, default=None):
-        return False
-
-
 def _frozen_cache(self_prefix, encoder_decoder: bool, cross_prefix=None):
     """Prefixes as (key, value) per layer, or None for a site without one."""
-    from transformers.cache_utils import Cache, EncoderDecoderCache
-
     layers = len(self_prefix or cross_prefix)
-    self_cache = Cache(layers=[_frozen_prefix_layer(*pair) for pair in self_prefix or [(None, None)] * layers])
+    self_cache = compat.frozen_prefix_cache(self_prefix or [(None, None)] * layers)
     if not encoder_decoder:
         return self_cache
-    cross_cache = Cache(layers=[_frozen_prefix_layer(*pair) for pair in cross_prefix or [(None, None)] * layers])
-    cache = EncoderDecoderCache(self_cache, cross_cache)
-    cache.is_updated = _NeverUpdated()
-    return cache
+    cross_cache = compat.frozen_prefix_cache(cross_prefix or [(None, None)] * layers)
+    return compat.encoder_decoder_cache(self_cache, cross_cache, recompute_cross=True)
 
 
 def _fill_cache(cache, self_prefix, cross_prefix=None) -> None:
     """Put the prefixes in an empty cache. A cross-attention layer that holds its prefix but is not marked
     updated gets the encoder keys appended on the first decoder call and reuses [prefix; encoder] after."""
-    from transformers.cache_utils import EncoderDecoderCache
-
-    if isinstance(cache, EncoderDecoderCache):
-        targets = ((cache.self_attention_cache, self_prefix), (cache.cross_attention_cache, cross_prefix))
+    halves = compat.cache_halves(cache)
+    if halves is not None:
+        targets = ((halves[0], self_prefix), (halves[1], cross_prefix))
     elif cross_prefix:
         raise AdapterError(
             f"a cross-attention prefix needs an EncoderDecoderCache, got {type(cache).__name__}; pass none and "
@@ -264,15 +227,15 @@ class VirtualInputs:
         count = 0
         if found is not None:
             name, prompt = found
-            kwargs, count = self._insert(module, name, prompt, kwargs, cache_key="past_key_values",
-                                         mask_key="attention_mask", position_key="position_ids")
+            kwargs, count = self._insert(module, name, prompt, kwargs, mask_key="attention_mask",
+                                         position_key="position_ids")
         sliced = found is not None and found[1].kind == TOKENS and not self.lm_head
         self._calls.append(count if sliced else 0)
         return kwargs
 
     def _pad_labels(self, module, kwargs: dict) -> dict:
         found = self.active()
-        cache = kwargs.get("past_key_values")
+        cache = compat.call_cache(kwargs)
         if found is not None and found[1].kind == TOKENS and (cache is None or not cache.get_seq_length()):
             _prepend(kwargs, "labels", found[1].num_virtual, -100)
         return kwargs
@@ -282,12 +245,12 @@ class VirtualInputs:
         return output
 
     def _after_decoder(self, module, args, output):
-        _allow_checkpointing_with_cache(module, False)
+        compat.allow_checkpointing_with_cache(module, False)
         return output
 
     def _after_body(self, module, args, output):
         self._after_call(module, args, output)
-        _allow_checkpointing_with_cache(module, False)
+        compat.allow_checkpointing_with_cache(module, False)
         count = self._calls.pop() if self._calls else 0
         if not count or output is None:
             return output
@@ -298,14 +261,14 @@ class VirtualInputs:
             output.hidden_states = tuple(h[:, count:] for h in output.hidden_states)
         return output
 
-    def _insert(self, module, name, prompt, kwargs, cache_key, mask_key, position_key):
+    def _insert(self, module, name, prompt, kwargs, mask_key, position_key):
         count = prompt.num_virtual
-        cache = kwargs.get(cache_key)
+        cache_key, cache = _take_cache(module, kwargs)
         seen = cache.get_seq_length() if cache is not None else 0
         if seen:  # a continuing call: the cache already holds the virtual positions
             if getattr(cache, _TAG, None) != count:
                 raise AdapterError(
-                    f"past_key_values was not produced with prompt adapter {name!r} active; start from an empty "
+                    f"the cache was not produced with prompt adapter {name!r} active; start from an empty "
                     f"cache (or none) so its {count} virtual positions are added first"
                 )
             _prepend(kwargs, mask_key, count, 1)
@@ -329,7 +292,7 @@ class VirtualInputs:
         if embeds is None:
             if ids is None:
                 raise AdapterError("prompt-based adapters need input_ids or inputs_embeds")
-            embeds = _input_embeddings(module)(ids)
+            embeds = compat.token_embeddings(module)(ids)
         tokens = expand_rows(self._tokens(name, prompt, {"input_ids": ids, **kwargs}), embeds.shape[0])
         if prompt.deep:
             self._hook_blocks(module)
@@ -348,11 +311,11 @@ class VirtualInputs:
         use_cache = kwargs.get("use_cache")
         use_cache = getattr(self.model.config, "use_cache", False) if use_cache is None else use_cache
         if cache is None and use_cache and not module.training:
-            cache = _empty_cache(self.model, self.encoder_decoder)
+            cache = compat.empty_cache(self.model.config, self.encoder_decoder)
         if cache is None:  # a later call may pass it back with the whole sequence again (generate without cache)
             self._check_checkpointing(module)
             cache = _frozen_cache(self_prefix, self.encoder_decoder, cross_prefix)
-            _allow_checkpointing_with_cache(module, True)
+            compat.allow_checkpointing_with_cache(module, True)
         else:
             _fill_cache(cache, self_prefix, cross_prefix)
         setattr(cache, _TAG, prompt.num_virtual)
@@ -390,7 +353,7 @@ class VirtualInputs:
         family = family_of(self.model)
         if module.training and getattr(module, "gradient_checkpointing", False) and family and not family.checkpointing_keeps_cache:
             raise AdapterError(
-                f"{type(module).__name__} passes no past_key_values to its layers under gradient checkpointing, so "
+                f"{type(module).__name__} passes no cache to its layers under gradient checkpointing, so "
                 f"the prefix would be dropped; disable gradient checkpointing for prefix tuning on this model, "
                 f"or use prompt tuning / P-tuning"
             )
@@ -399,7 +362,7 @@ class VirtualInputs:
         """Refuse inputs that no longer fit a learned position table once the virtual tokens are added."""
         key = id(module)
         if key not in self._limits:
-            self._limits[key] = position_limit(module)
+            self._limits[key] = compat.position_limit(module)
         limit = self._limits[key]
         length = _sequence_length(kwargs)
         if limit is not None and length is not None and length + count > limit:
@@ -440,29 +403,30 @@ class VirtualInputs:
         if CROSS in sites and kwargs.get("encoder_hidden_states") is not None:
             grow_mask(kwargs, "encoder_attention_mask", kwargs["encoder_hidden_states"], prompt.num_virtual)
         if DECODER_SELF in sites:
-            kwargs, _ = self._insert(module, name, prompt, kwargs, cache_key="past_key_values",
-                                     mask_key="attention_mask", position_key="position_ids")
+            kwargs, _ = self._insert(module, name, prompt, kwargs, mask_key="attention_mask",
+                                     position_key="position_ids")
         elif CROSS in sites:  # only the cross-attention cache holds virtual positions: decoder mask and positions stay
-            cache = kwargs.get("past_key_values")
+            cache_key, cache = _take_cache(module, kwargs)
             if cache is None or not cache.get_seq_length():
-                kwargs["past_key_values"] = self._prefix_cache(module, prompt, kwargs, cache)
+                kwargs[cache_key] = self._prefix_cache(module, prompt, kwargs, cache)
             elif getattr(cache, _TAG, None) != prompt.num_virtual:
                 raise AdapterError(
-                    f"past_key_values was not produced with prefix adapter {name!r} active; start from an empty "
+                    f"the cache was not produced with prefix adapter {name!r} active; start from an empty "
                     f"cache (or none) so its cross-attention prefix is added first"
                 )
         return kwargs
 
 
-def _allow_checkpointing_with_cache(module: nn.Module, allow: bool) -> None:
-    """Transformers drops `past_key_values` in checkpointed layers because a normal cache would grow again
-    when a layer is recomputed; our frozen prefix cache never grows, so for this call the layers may keep it."""
-    for layer in module.modules():
-        if getattr(layer, "gradient_checkpointing", False) and hasattr(type(layer), "_can_checkpoint_with_cache"):
-            if allow:
-                layer._can_checkpoint_with_cache = True
-            else:
-                layer.__dict__.pop("_can_checkpoint_with_cache", None)
+def _take_cache(module: nn.Module, kwargs: dict) -> tuple[str | None, Any]:
+    """The module's cache keyword and the cache of this call (moved under that keyword if the caller spelled it
+    differently, so the module's deprecation path is never taken)."""
+    key = compat.cache_keyword(module)
+    cache = compat.call_cache(kwargs)
+    for name in compat.CACHE_KEYWORDS:
+        kwargs.pop(name, None)
+    if key is not None:
+        kwargs[key] = cache
+    return key, cache
 
 
 def blocks_of(model: nn.Module, body: nn.Module) -> nn.ModuleList:
@@ -476,21 +440,6 @@ def blocks_of(model: nn.Module, body: nn.Module) -> nn.ModuleList:
             if isinstance(module, nn.ModuleList) and path.split(".")[-1] == name:
                 return module
     raise AdapterError(f"cannot find the transformer blocks of {type(body).__name__} (looked for {', '.join(names)})")
-
-
-def _input_embeddings(module: nn.Module) -> nn.Module:
-    embed = getattr(module, "embed_tokens", None)
-    return embed if embed is not None else module.get_input_embeddings()
-
-
-def position_limit(module: nn.Module) -> int | None:
-    """How many positions a learned absolute position table allows (None for relative or rotary ones)."""
-    limits = []
-    for name, child in module.named_modules():
-        if isinstance(child, nn.Embedding) and name.split(".")[-1] in ("wpe", "position_embeddings", "embed_positions"):
-            offset = getattr(child, "offset", 0) or ((child.padding_idx + 1) if child.padding_idx is not None else 0)
-            limits.append(child.num_embeddings - offset)
-    return min(limits) if limits else None
 
 
 def _sequence_length(kwargs: dict) -> int | None:
@@ -514,14 +463,6 @@ def _compute_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _empty_cache(model: nn.Module, encoder_decoder: bool):
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-    if encoder_decoder:
-        return EncoderDecoderCache(DynamicCache(config=model.config), DynamicCache(config=model.config))
-    return DynamicCache(config=model.config)
-
-
 def _accepts(module: nn.Module, *names: str) -> bool:
     parameters = inspect.signature(module.forward).parameters
     return all(name in parameters for name in names)
@@ -543,6 +484,6 @@ def body_of(model: nn.Module) -> nn.Module:
 
 
 def supports_cache(model: nn.Module) -> bool:
-    """Whether the model's attention reads keys/values from `past_key_values` (prefix tuning needs it)."""
+    """Whether the model's attention reads keys/values from a cache (prefix tuning needs it)."""
     module = model.get_decoder() if getattr(model.config, "is_encoder_decoder", False) else body_of(model)
-    return _accepts(module, "past_key_values")
+    return compat.cache_keyword(module) is not None

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..engine.capture import CapturingLayer
-from ..engine.layers import innermost, is_conv1d, out_features
+from ..compat import is_conv1d
+from ..engine.layers import innermost, out_features
 from ..engine.sites import block_paths, block_sites_of, resolve_in_block
 from ..engine.virtual import SIDE
 from ..registry import MethodSpec, register_method

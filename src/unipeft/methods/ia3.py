@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, PeftConfig
-from ..engine.layers import AdapterError, AdapterLayer, innermost, is_conv1d
+from ..compat import is_conv1d
+from ..engine.layers import AdapterError, AdapterLayer, innermost
 from ..registry import MethodSpec, PeftType, register_method
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..engine.layers import AdapterLayer, is_conv1d, out_features
+from ..compat import is_conv1d
+from ..engine.layers import AdapterLayer, out_features
 from ..registry import MethodSpec, register_method
 from .lycoris import LycorisConfig, module_dropped, rank_keep
 

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
-from ..engine.layers import AdapterLayer, is_conv1d, out_features
+from ..compat import is_conv1d
+from ..engine.layers import AdapterLayer, out_features
 from ..engine.targeting import TargetError
 from ..registry import MethodSpec, register_method
 from .lycoris import LycorisConfig, module_dropped, rank_keep

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, PeftConfig
-from ..engine.layers import AdapterLayer, is_conv1d
+from ..compat import is_conv1d, is_exact_conv1d
+from ..engine.layers import AdapterLayer
 from ..registry import MethodSpec, PeftType, register_method
 
 # Hugging Face PEFT LoRA fields we do not implement; accepted while neutral (see PeftConfig.from_dict).
@@ -82,11 +83,8 @@ def _scaling(config: LoraConfig, r: int, alpha: float) -> float:
 def _plain_frozen_linear(module: nn.Module) -> bool:
     """nn.Linear or Conv1D exactly, frozen, without hooks or a patched forward (accelerate's offload
     hooks replace `forward` on the instance): its forward is one addmm that we may inline."""
-    if type(module) is not nn.Linear:
-        from transformers.pytorch_utils import Conv1D
-
-        if type(module) is not Conv1D:
-            return False
+    if type(module) is not nn.Linear and not is_exact_conv1d(module):
+        return False
     bias = module.bias
     return not (module.weight.requires_grad or (bias is not None and bias.requires_grad)
                 or "forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks

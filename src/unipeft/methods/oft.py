@@ -29,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, PeftConfig
-from ..engine.layers import AdapterLayer, innermost, is_conv1d
+from ..compat import is_conv1d
+from ..engine.layers import AdapterLayer, innermost
 from ..engine.targeting import TargetError
 from ..registry import MethodSpec, register_method
 

@@ -123,7 +123,7 @@ class PrefixKeysValues(VirtualPrompt):
 def build_prefix(model: nn.Module, config: PrefixTuningConfig) -> PrefixKeysValues:
     if not supports_cache(model):
         raise ConfigError(
-            f"prefix tuning needs attention that reads past_key_values, which {type(model).__name__} lacks; "
+            f"prefix tuning needs attention that reads a key/value cache, and {type(model).__name__}'s takes none; "
             f"use prompt tuning or P-tuning for this model"
         )
     if config.token_dim % config.num_attention_heads:

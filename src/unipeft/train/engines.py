@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..compat import no_split_modules
 from ..engine.sharding import whole_parameters
 from .errors import UsageError
 
@@ -116,12 +117,9 @@ def fsdp_auto_wrap_policy(model: nn.Module):
     """`policy(module) -> bool`: whether `module` is an FSDP unit of its own: a transformer block, by the class
     names of the Hugging Face model's `_no_split_modules` (found through a PEFT wrapper). UsageError when the
     model names none."""
-    base = model
-    while not hasattr(base, "_no_split_modules") and hasattr(base, "get_base_model"):
-        base = base.get_base_model()
-    names = set(getattr(base, "_no_split_modules", None) or ())
+    names = no_split_modules(model)
     if not names:
-        raise UsageError(f"FSDP needs the model's transformer blocks, and {type(base).__name__} names none "
+        raise UsageError(f"FSDP needs the model's transformer blocks, and {type(model).__name__} names none "
                          f"(no _no_split_modules); use --engine ddp or a DeepSpeed config")
     return lambda module: type(module).__name__ in names
 

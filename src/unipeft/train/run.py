@@ -172,7 +172,7 @@ def _check_room_for_virtual_tokens(options: TrainOptions, model) -> None:
     """Texts are cut at max_length tokens, and a prompt method adds num_virtual_tokens positions in front of
     them: refuse before training when both together overflow a learned position table (MiniLM: 512), which
     would otherwise fail at the first long batch. Models with relative or rotary positions have no such limit."""
-    from ..engine.virtual import position_limit
+    from ..compat import position_limit
 
     limit = position_limit(model)
     room = None if limit is None else limit - options.num_virtual_tokens
