@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The release-compatibility run: a fast subset (every method on representative families, the assumptions of
-# unipeft/compat.py, the prefix attention oracle) in an environment of its own, against
+# unipeft/compat.py, the prefix attention oracle, transformers.Trainer, `unipeft train` under torchrun and
+# accelerate launch) in an environment of its own, against
 #   newest   the newest transformers, accelerate and peft releases that pyproject allows, resolved now
 #   oldest   every runtime dependency at the lowest release pyproject allows (torch: the pinned CPU build)
 # and everything else from the lock. Extra arguments go to pytest, e.g.
@@ -40,4 +41,5 @@ print("compat run with " + ", ".join(f"{p} {version(p)}" for p in
 PY
 cd "$ROOT"
 exec python -m pytest -n 2 -p no:cacheprovider tests/test_compat.py tests/test_release_compat.py \
-    tests/test_seq2seq_prefix.py "$@"
+    tests/test_seq2seq_prefix.py tests/test_hf_trainer.py \
+    tests/test_distributed.py::test_unipeft_train_under_a_launcher_saves_a_run_that_one_process_reproduces "$@"

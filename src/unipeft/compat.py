@@ -48,9 +48,10 @@ def untested_transformers(version: str | None = None) -> str | None:
     low, high = TESTED_TRANSFORMERS
     if _release(low) <= _release(version) and _release(version)[:2] <= _release(high)[:2]:
         return None
+    major, minor, _ = _release(high)
     return (f"unipeft was tested with transformers {low} to {high}.x and found {version}; prefix and prompt methods "
             f"depend on transformers internals that change between releases: install a release in that range "
-            f"(pip install 'transformers>={low},<={high}.99'), or report what fails")
+            f"(pip install 'transformers>={low},<{major}.{minor + 1}'), or report what fails")
 
 
 def _release(version: str) -> tuple[int, ...]:
