@@ -290,3 +290,11 @@ def test_save_unsafe_serialization_and_unknown_selected_adapter(tmp_path):
     with pytest.raises(AdapterError, match="nope"):
         pm.save_pretrained(tmp_path, selected_adapters=["nope"])
     assert os.listdir(tmp_path) == []
+
+
+def test_a_task_type_the_model_class_cannot_serve_is_refused_naming_the_class_that_can():
+    model = F.make_model("bert", "SEQ_CLS")
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=r"task_type=CAUSAL_LM does not fit BertForSequenceClassification.*BertLMHeadModel"):
+        get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2))
+    assert_unchanged(model, before)

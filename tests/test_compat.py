@@ -50,7 +50,7 @@ def test_untested_transformers():
     major, minor = (int(part) for part in high.split(".")[:2])
     assert compat.untested_transformers(low) is None
     assert compat.untested_transformers(f"{high}.3") is None
-    for outside in ("4.57.6", f"{major}.{minor + 1}.0", f"{major + 1}.0.0"):
+    for outside in ("4.57.6", f"{major}.{minor + 1}.0", f"{major + 1}.0.0", "main"):
         message = compat.untested_transformers(outside)
         assert message and outside in message and f"{low} to {high}.x" in message
     declared = re.search(r'"transformers>=([\d.]+),<(\d+)"', (ROOT / "pyproject.toml").read_text())

@@ -46,7 +46,8 @@ def untested_transformers(version: str | None = None) -> str | None:
     if version is None:
         return None
     low, high = TESTED_TRANSFORMERS
-    if _release(low) <= _release(version) and _release(version)[:2] <= _release(high)[:2]:
+    found = _release(version)
+    if found is not None and _release(low) <= found and found[:2] <= _release(high)[:2]:
         return None
     major, minor, _ = _release(high)
     return (f"unipeft was tested with transformers {low} to {high}.x and found {version}; prefix and prompt methods "
@@ -54,9 +55,12 @@ def untested_transformers(version: str | None = None) -> str | None:
             f"(pip install 'transformers>={low},<{major}.{minor + 1}'), or report what fails")
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """"5.25.0.dev0" -> (5, 25, 0): the release numbers, padded to three."""
-    numbers = [int(n) for n in re.match(r"\d+(?:\.\d+)*", version).group().split(".")]
+def _release(version: str) -> tuple[int, ...] | None:
+    """"5.25.0.dev0" -> (5, 25, 0): the release numbers, padded to three; None for a version without them."""
+    found = re.match(r"\d+(?:\.\d+)*", version)
+    if found is None:
+        return None
+    numbers = [int(n) for n in found.group().split(".")]
     return tuple(numbers + [0] * (3 - len(numbers)))
 
 
@@ -227,6 +231,7 @@ _TASK_TABLES = {
 }
 
 
+@functools.cache
 def task_model_classes() -> dict[str, dict[str, set[str]]]:
     """task type -> model_type -> the model class names the Auto class of that task builds."""
     from transformers.models.auto import modeling_auto

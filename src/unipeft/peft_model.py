@@ -21,8 +21,10 @@ from .engine.targeting import logical_modules, name_matches
 
 def check_task(model: nn.Module, task_type) -> None:
     """Refuse a task type that the model class cannot serve (e.g. CAUSAL_LM on a classifier)."""
+    if task_type is None:
+        return
     tables = task_model_classes()
-    if task_type is None or TaskType(task_type).value not in tables:
+    if TaskType(task_type).value not in tables:
         return
     cls_name = type(model).__name__
     if not any(cls_name in names for table in tables.values() for names in table.values()):
