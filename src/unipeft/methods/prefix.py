@@ -15,6 +15,16 @@ one block of columns per chosen site, in the order `decoder_self`, `encoder_self
 Inside a block, layer i has the columns of pair i (keys, then values, each heads x head_dim), except that
 `decoder_self` keeps PEFT's mapping (decoder layer i reads pair 2i mod num_layers). With the default
 `prefix_sites=("decoder_self",)` the tensor and `adapter_config.json` are exactly PEFT's.
+
+`projection_lr_scale` (a unipeft field, 1.0 = PEFT) makes the MLP train as if at that multiple of the
+optimizer's learning rate. The MLP multiplies Adam's step: each step moves every weight of its last layer by
+about lr, so every prefix value moves by about lr times the summed |activations| of the hidden layer (some
+300 for an 800-wide MLP), where a flat prefix moves by lr. At the rates adapters train at (1e-3) the prefix
+then overruns the layer's own keys within a few steps, takes nearly all the attention, and the model
+forgets its input (its loss settles at the label prior). He et al. train these prefixes at 1e-4. The
+weights are kept divided by the scale and multiplied back in the forward pass, so under Adam (whose step
+does not depend on the gradient's size) they move scale times as fast; checkpoints hold the multiplied
+values, so a file means the same whatever the scale.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..engine.prefix_attention import CROSS, DECODER_SELF, ENCODER_SELF, PREFIX_SITES, attention_layers
@@ -41,6 +52,8 @@ class PrefixTuningConfig(PromptLearningConfig):
     prefix_sites: tuple[str, ...] = (DECODER_SELF,)
     # unipeft: dropout on the prefix keys and values while training (the unified design space's prefix_dropout)
     prefix_dropout: float = 0.0
+    # unipeft: the MLP of prefix_projection trains as if at this multiple of the learning rate (see above)
+    projection_lr_scale: float = 1.0
 
     def validate(self) -> None:
         super().validate()
@@ -53,6 +66,9 @@ class PrefixTuningConfig(PromptLearningConfig):
         self.prefix_sites = tuple(s for s in PREFIX_SITES if s in sites)  # the order of the stored blocks
         if not 0.0 <= self.prefix_dropout < 1.0:
             raise ConfigError(f"PrefixTuningConfig.prefix_dropout must be in [0, 1), got {self.prefix_dropout}")
+        if not 0.0 < self.projection_lr_scale <= 1.0:
+            raise ConfigError(f"PrefixTuningConfig.projection_lr_scale must be in (0, 1], got {self.projection_lr_scale}: "
+                              f"it slows the MLP's training (1.0 = PEFT's)")
 
     def to_dict(self) -> dict:
         data = super().to_dict()
@@ -60,6 +76,8 @@ class PrefixTuningConfig(PromptLearningConfig):
             del data["prefix_sites"]
         if not self.prefix_dropout:
             del data["prefix_dropout"]
+        if self.projection_lr_scale == 1.0:
+            del data["projection_lr_scale"]
         return data
 
     def model_sizes(self, model: nn.Module) -> dict:
@@ -96,6 +114,11 @@ class PrefixKeysValues(VirtualPrompt):
             nn.init.zeros_(encoder[-1].weight if project else self.embedding.weight)
             if project:
                 nn.init.zeros_(encoder[-1].bias)
+        self.lr_scale = config.projection_lr_scale if project else 1.0
+        if self.lr_scale != 1.0:
+            with torch.no_grad():
+                for param in self.parameters():
+                    param.div_(self.lr_scale)
         self.num_virtual = config.num_virtual_tokens
         self.dropout = config.prefix_dropout
         self.sites = tuple(site_layers)
@@ -105,6 +128,23 @@ class PrefixKeysValues(VirtualPrompt):
         # pair 2i mod num_layers; we read it the same way so checkpoints mean the same in both libraries.
         layers = config.num_layers
         self.pair_of_layer = [(2 * i) % layers if config.num_transformer_submodules == 2 else i for i in range(layers)]
+
+    def forward(self) -> torch.Tensor:
+        if self.encoder is None or self.lr_scale == 1.0:
+            return super().forward()
+        first, activation, last = self.encoder
+        s = self.lr_scale
+        hidden = activation(F.linear(self.embedding.weight * s, first.weight * s, first.bias * s))
+        return F.linear(hidden, last.weight * s, last.bias * s)
+
+    def training_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = super().training_tensors()
+        return tensors if self.lr_scale == 1.0 else {k: v * self.lr_scale for k, v in tensors.items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        if self.lr_scale != 1.0 and self.encoder is not None:
+            tensors = {k: v / self.lr_scale if k.startswith("prompt_encoder.") else v for k, v in tensors.items()}
+        super().load_tensors(tensors, source)
 
     def prefix(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
         flat = self()  # [t, sum of layers * 2 * heads * head_dim]

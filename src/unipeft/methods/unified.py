@@ -9,6 +9,12 @@ the order of the model's forward; where two sit on one module, the one listed fi
 Prefix forms: `concat` prepends l keys and values to every attention (prefix tuning); its joint softmax
 is exactly the gated add (1 - λ) h + λ softmax(q P_kᵀ) P_v, so concat takes attn_composition "add" (the
 original code's spelling) or "gate_add", and `cross_attn_noln` + "gate_add" is the same function.
+
+The MLP-reparameterised prefix (attn_mode "prefix") trains at `prefix_lr_scale` (0.1) times the optimizer's
+learning rate, a unipeft axis: He et al. train it at 1e-4, and at the 1e-3 that suits the adapters it shares
+a model with (MAM) it overruns the attention and the model stops learning, in every implementation (see
+`PrefixTuningConfig.projection_lr_scale`). With the default, one learning rate of 1e-3 trains the adapter
+at 1e-3 and the prefix as the paper does; prefix_lr_scale=1.0 restores the original dynamics.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ _OPTIONS_OF_MODE = {
 # The design-space axes (the original code's option names), as the command line exposes them.
 AXES = ("attn_mode", "attn_option", "attn_composition", "attn_bn", "ffn_mode", "ffn_option",
         "ffn_adapter_layernorm_option", "ffn_adapter_init_option", "ffn_adapter_scalar", "ffn_bn", "mid_dim",
-        "prefix_dropout", "lora_alpha", "lora_dropout", "lora_init")
+        "prefix_dropout", "prefix_lr_scale", "lora_alpha", "lora_dropout", "lora_init")
 
 
 @dataclass
@@ -54,6 +60,8 @@ class UnifiedConfig(PeftConfig):
     ffn_bn: int = 64  # FFN adapter bottleneck or LoRA rank
     mid_dim: int = 800  # hidden size of the prefix reparameterisation MLP
     prefix_dropout: float = 0.0
+    # unipeft: the prefix MLP trains at this multiple of the learning rate (see the module docstring)
+    prefix_lr_scale: float = 0.1
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_init: Literal["lora", "bert"] = "lora"  # "bert": both LoRA factors random (B not zero)
@@ -76,6 +84,8 @@ class UnifiedConfig(PeftConfig):
             except ValueError:
                 raise ConfigError(f"UnifiedConfig.ffn_adapter_scalar must be a number or 'learnable_scalar', "
                                   f"got {self.ffn_adapter_scalar!r}") from None
+        if not 0.0 < self.prefix_lr_scale <= 1.0:
+            raise ConfigError(f"UnifiedConfig.prefix_lr_scale must be in (0, 1], got {self.prefix_lr_scale}")
         for key in ("attn_bn", "ffn_bn", "mid_dim"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"UnifiedConfig.{key} must be a positive integer, got {getattr(self, key)}")
@@ -118,12 +128,13 @@ def components(config: UnifiedConfig, model: nn.Module) -> list[PeftConfig]:
             seq2seq = getattr(model.config, "is_encoder_decoder", False)
             parts.append(PrefixTuningConfig(
                 num_virtual_tokens=config.attn_bn, prefix_projection=mode == "prefix", encoder_hidden_size=config.mid_dim,
-                prefix_dropout=config.prefix_dropout, **common,
+                prefix_dropout=config.prefix_dropout, projection_lr_scale=config.prefix_lr_scale, **common,
                 prefix_sites=("decoder_self", "encoder_self", "cross") if seq2seq else ("decoder_self",)))
         else:
             parts.append(CrossPrefixConfig(
                 num_virtual_tokens=config.attn_bn, prefix_form=option, prefix_projection=mode == "prefix",
-                encoder_hidden_size=config.mid_dim, prefix_dropout=config.prefix_dropout, **common, **layers))
+                encoder_hidden_size=config.mid_dim, prefix_dropout=config.prefix_dropout,
+                projection_lr_scale=config.prefix_lr_scale, **common, **layers))
     elif mode == "adapter":
         parts.append(BottleneckConfig(sites=["attention"], adapter_option=option, bottleneck_size=config.attn_bn, **adapter))
     elif mode == "lora":
