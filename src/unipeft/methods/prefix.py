@@ -33,7 +33,6 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..engine.prefix_attention import CROSS, DECODER_SELF, ENCODER_SELF, PREFIX_SITES, attention_layers
@@ -133,9 +132,8 @@ class PrefixKeysValues(VirtualPrompt):
         if self.encoder is None or self.lr_scale == 1.0:
             return super().forward()
         first, activation, last = self.encoder
-        s = self.lr_scale
-        hidden = activation(F.linear(self.embedding.weight * s, first.weight * s, first.bias * s))
-        return F.linear(hidden, last.weight * s, last.bias * s)
+        s = self.lr_scale  # (s W) x + s b = s (W x + b): the layers are called as modules (sharding hooks run)
+        return s * last(activation(s * first(s * self.embedding.weight)))
 
     def training_tensors(self) -> dict[str, torch.Tensor]:
         tensors = super().training_tensors()
