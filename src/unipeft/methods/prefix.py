@@ -20,7 +20,7 @@ Inside a block, layer i has the columns of pair i (keys, then values, each heads
 optimizer's learning rate. The MLP multiplies Adam's step: each step moves every weight of its last layer by
 about lr, so every prefix value moves by about lr times the summed |activations| of the hidden layer (some
 300 for an 800-wide MLP), where a flat prefix moves by lr. At the rates adapters train at (1e-3) the prefix
-then overruns the layer's own keys within a few steps, takes nearly all the attention, and the model
+then overruns the layer's own keys within a few dozen steps, takes most of the attention, and the model
 forgets its input (its loss settles at the label prior). He et al. train these prefixes at 1e-4. The
 weights are kept divided by the scale and multiplied back in the forward pass, so under Adam (whose step
 does not depend on the gradient's size) they move scale times as fast; checkpoints hold the multiplied
