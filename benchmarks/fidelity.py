@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,9 +44,11 @@ METHODS = {
     "pfeiffer": ("adapters", 3e-3, "one sequential adapter after the FFN, r = 64"),
     "parallel": ("adapters", 3e-3, "parallel FFN adapter, r = 64"),
     "scaled_parallel": ("adapters", 1e-3, "parallel FFN adapter, r = 64, s = 4"),
-    "mam": ("adapters", 1e-3, "prefix l = 30 (MLP 800) + parallel FFN adapter r = hidden/2, s = 4"),
+    # MAM's FFN adapter is 3x as wide as the block adapters, and Adam moves its output 3x as far per step:
+    # 3e-4 is the step the r = 64, s = 4 adapter takes at 1e-3 (at 1e-3 it stays at the label prior)
+    "mam": ("adapters", 3e-4, "prefix l = 30 (MLP 800) + parallel FFN adapter r = hidden/2, s = 4"),
     # unipeft's MAM without its prefix learning-rate scale: the reference's dynamics, for comparison
-    "mam_lr_scale_1": ("adapters", 1e-3, "mam with prefix_lr_scale = 1.0"),
+    "mam_lr_scale_1": ("adapters", 3e-4, "mam with prefix_lr_scale = 1.0"),
 }
 REFERENCE_OF = {"mam_lr_scale_1": "mam"}  # the reference run it shares (same config, seeds and data)
 
@@ -142,8 +145,7 @@ def run_one(lib: str, method: str, seed: int, data_file: str, args) -> dict:
     order = torch.Generator().manual_seed(seed)
 
     def batches(rows, size):
-        for start in range(0, len(rows), size):
-            chunk = rows[start:start + size]
+        for chunk in rows:
             encoded = tokenizer([text for text, _ in chunk], padding=True, truncation=True, max_length=MAX_LENGTH,
                                 return_tensors="pt")
             yield encoded, torch.tensor([label for _, label in chunk])
@@ -151,8 +153,7 @@ def run_one(lib: str, method: str, seed: int, data_file: str, args) -> dict:
     model.train()
     losses, started = [], time.perf_counter()
     for _ in range(args.epochs):
-        rows = [data["train"][i] for i in torch.randperm(len(data["train"]), generator=order).tolist()]
-        for encoded, labels in batches(rows, args.batch_size):
+        for encoded, labels in batches(length_grouped(data["train"], args.batch_size, order), args.batch_size):
             loss = model(**encoded, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -164,12 +165,36 @@ def run_one(lib: str, method: str, seed: int, data_file: str, args) -> dict:
     model.eval()
     correct = 0
     with torch.no_grad():
-        for encoded, labels in batches(data["test"], 64):
+        test = data["test"]
+        for encoded, labels in batches([test[i:i + 64] for i in range(0, len(test), 64)], 64):
             correct += (model(**encoded).logits.argmax(-1) == labels).sum().item()
     tenth = max(1, len(losses) // 10)
     return {"lib": lib, "method": method, "seed": seed, "accuracy": correct / len(data["test"]),
             "trainable": trainable, "total": total, "steps": steps, "train_seconds": round(seconds, 1),
-            "first_loss": sum(losses[:tenth]) / tenth, "last_loss": sum(losses[-tenth:]) / tenth}
+            "first_loss": sum(losses[:tenth]) / tenth, "last_loss": sum(losses[-tenth:]) / tenth,
+            "versions": versions(lib)}
+
+
+def versions(lib: str) -> str:
+    from importlib.metadata import version
+
+    names = {"unipeft": ["unipeft"], "peft": ["peft"], "adapters": ["adapters"], "torch": []}[lib] + ["transformers", "torch"]
+    return ", ".join(f"{name} {version(name)}" for name in names)
+
+
+def length_grouped(rows: list, size: int, generator) -> list[list]:
+    """Shuffled batches of similar lengths (transformers' group_by_length): tweets average 33 tokens, but a
+    random batch pads to 57, so batching by (character) length nearly halves the work; every epoch still
+    sees every example once, in an order and batches fixed by the seed."""
+    import torch
+
+    shuffled = [rows[i] for i in torch.randperm(len(rows), generator=generator).tolist()]
+    window = size * 50
+    chunks = []
+    for start in range(0, len(shuffled), window):
+        ordered = sorted(shuffled[start:start + window], key=lambda row: len(row[0]))
+        chunks += [ordered[i:i + size] for i in range(0, len(ordered), size)]
+    return [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
 
 
 # ---- the orchestrator (the project's environment) ------------------------------------------------------
@@ -205,30 +230,44 @@ def interpreter(lib: str, args) -> str:
 
 
 def summarise(results: list[dict], methods: list[str]) -> list[dict]:
+    """Mean and sample standard deviation over seeds, per method and side; a method with no finished run on
+    either side has no row."""
     rows = []
     for method in methods:
         row = {"method": method, "reference_lib": METHODS[method][0], "lr": METHODS[method][1], "setup": METHODS[method][2]}
         for side, lib in (("unipeft", "unipeft"), ("reference", METHODS[method][0])):
             runs = [r for r in results if r["method"] == method and r["lib"] == lib]
+            if not runs:
+                break
             accuracy = [r["accuracy"] for r in runs]
             row[side] = {"accuracy_mean": statistics.mean(accuracy),
                          "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
                          "trainable_percent": 100 * runs[0]["trainable"] / runs[0]["total"],
                          "last_loss_mean": statistics.mean(r["last_loss"] for r in runs), "seeds": len(runs)}
-        rows.append(row)
+        else:
+            rows.append(row)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | reference | lr | unipeft accuracy | reference accuracy | difference | unipeft trainable % "
-             "| reference trainable % |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | reference | lr | unipeft accuracy | reference accuracy | difference | seeds | unipeft trainable % "
+             "| reference trainable % |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         ours, ref = row["unipeft"], row["reference"]
+        seeds = ours["seeds"] if ours["seeds"] == ref["seeds"] else f"{ours['seeds']} / {ref['seeds']}"
         lines.append(
             f"| {row['method']} | {row['reference_lib']} | {row['lr']:g} | {ours['accuracy_mean']:.4f} ± {ours['accuracy_std']:.4f} "
             f"| {ref['accuracy_mean']:.4f} ± {ref['accuracy_std']:.4f} | {ours['accuracy_mean'] - ref['accuracy_mean']:+.4f} "
-            f"| {ours['trainable_percent']:.3f} | {ref['trainable_percent']:.3f} |")
-    return "\n".join(lines)
+            f"| {seeds} | {ours['trainable_percent']:.3f} | {ref['trainable_percent']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(report: dict) -> str:
+    """The README's fidelity block: the protocol in one line, then the table."""
+    return (f"{report['data']}: {report['train_examples']} training and {report['test_examples']} test examples, "
+            f"{report['epochs']} epochs of batches of {report['batch_size']}, up to {report['max_length']} tokens; "
+            f"majority-class baseline {report['majority_baseline']:.4f}; runs with {'; '.join(report['versions'])}\n\n"
+            + table(report["rows"]))
 
 
 def main() -> None:
@@ -245,7 +284,13 @@ def main() -> None:
     parser.add_argument("--text-column", default="sentence")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--adapters-python", default=str(ROOT / ".venv-adapters" / "bin" / "python"))
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each uses --threads threads)")
     parser.add_argument("--out", default=str(HERE / "results" / "fidelity.json"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write --out from the finished runs in --runs-file (the README's table)")
+    parser.add_argument("--runs-file", default=str(HERE / "results" / "fidelity_runs.jsonl"),
+                        help="every finished run, appended as it ends; runs of the same protocol found here are "
+                             "not repeated, so an interrupted benchmark continues where it stopped")
     parser.add_argument("--worker", nargs=4, metavar=("LIB", "METHOD", "SEED", "DATA"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -261,33 +306,62 @@ def main() -> None:
     for method in methods:
         interpreter(METHODS[method][0], args)  # fail before the first run, not after an hour
     data = load_rows(args)
-    results, done_runs = [], {}
+    protocol = {"data": data["source"], "train_examples": len(data["train"]), "test_examples": len(data["test"]),
+                "epochs": args.epochs, "batch_size": args.batch_size, "max_length": MAX_LENGTH}
+    cache = Path(args.runs_file)
+    finished = {}  # finished runs of this protocol, from this or earlier invocations
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            run = json.loads(line)
+            key = (run["lib"], run["method"], run["seed"])
+            # a run counts only for the protocol, rate and setup it was made with
+            if run.pop("protocol") == protocol and key[1] in METHODS and run.get("lr") == METHODS[key[1]][1] \
+                    and run.get("setup") == METHODS[key[1]][2]:
+                finished[key] = run
+    seeds = [int(s) for s in args.seeds.split(",")]
+    triples = [(method, seed, lib) for method in methods for seed in seeds for lib in ("unipeft", METHODS[method][0])]
+
+    def key_of(method, seed, lib):  # a reference run shared by two rows (REFERENCE_OF) runs once
+        return lib, method if lib == "unipeft" else REFERENCE_OF.get(method, method), seed
+
+    wanted = {key_of(*triple): triple[0] for triple in triples}
+    todo = sorted((key for key in wanted if key not in finished), key=lambda key: key[0] != "unipeft")  # ours first
+    print(f"{len(wanted) - len(todo)} of {len(wanted)} runs already in {cache}; {len(todo)} to go", flush=True)
+    if args.report_only:
+        todo = []
     with tempfile.TemporaryDirectory() as folder:
         data_file = os.path.join(folder, "data.json")
         Path(data_file).write_text(json.dumps(data))
-        for method in methods:
-            for seed in (int(s) for s in args.seeds.split(",")):
-                for lib in ("unipeft", METHODS[method][0]):
-                    key = (lib, method if lib == "unipeft" else REFERENCE_OF.get(method, method), seed)
-                    if key not in done_runs:
-                        command = [interpreter(lib, args), __file__, "--worker", lib, method, str(seed), data_file,
-                                   "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                                   "--threads", str(args.threads)]
-                        done = subprocess.run(command, capture_output=True, text=True)
-                        if done.returncode:
-                            sys.exit(f"{lib} {method} seed {seed} failed:\n{done.stderr[-3000:]}")
-                        done_runs[key] = json.loads(done.stdout.strip().splitlines()[-1])
-                    results.append({**done_runs[key], "method": method})
-                    r = results[-1]
-                    print(f"{method:16} {lib:9} seed {seed}: accuracy {r['accuracy']:.4f}, loss "
-                          f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}, {r['train_seconds']} s", flush=True)
+
+        def run(key):
+            lib, method, seed = key
+            command = [interpreter(lib, args), __file__, "--worker", lib, wanted[key], str(seed), data_file,
+                       "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode:
+                return key, f"{lib} {method} seed {seed} failed:\n{done.stderr[-3000:]}"
+            reference = REFERENCE_OF.get(method, method) if lib != "unipeft" else method
+            return key, {**json.loads(done.stdout.strip().splitlines()[-1]), "method": method,
+                         "lr": METHODS[reference][1], "setup": METHODS[reference][2]}
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for key, r in pool.map(run, todo):
+                if isinstance(r, str):
+                    sys.exit(r)
+                finished[key] = r
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                with cache.open("a") as out:
+                    out.write(json.dumps({**r, "protocol": protocol}) + "\n")
+                print(f"{key[1]:16} {key[0]:9} seed {key[2]}: accuracy {r['accuracy']:.4f}, loss "
+                      f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}, {r['train_seconds']} s", flush=True)
+    results = [{**finished[key_of(*triple)], "method": triple[0]} for triple in triples if key_of(*triple) in finished]
     rows = summarise(results, methods)
-    report = {"date": time.strftime("%Y-%m-%d"), "data": data["source"], "train_examples": len(data["train"]),
-              "test_examples": len(data["test"]), "epochs": args.epochs, "batch_size": args.batch_size,
-              "seeds": args.seeds, "majority_baseline": majority(data), "rows": rows, "runs": results}
+    report = {"date": time.strftime("%Y-%m-%d"), **protocol, "seeds": args.seeds,
+              "versions": sorted({r["versions"] for r in results if "versions" in r}),
+              "majority_baseline": majority(data), "rows": rows, "runs": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(table(rows))
+    print(report_markdown(report))
 
 
 def majority(data: dict) -> float:
