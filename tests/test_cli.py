@@ -312,7 +312,7 @@ def trained_idpg(request, tiny_model, tiny_csv, tmp_path_factory):
 
 
 def test_idpg_and_pg_save_their_config_generator_and_default_lr(trained_idpg):
-    from unipeft.train.methods import DEFAULT_LR
+    from unipeft.train.methods import default_lr
 
     method, out, metrics, stdout = trained_idpg
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint",
@@ -333,7 +333,7 @@ def test_idpg_and_pg_save_their_config_generator_and_default_lr(trained_idpg):
     assert not any("sentence_encoder" in k or "embeddings" in k for k in shapes)  # the frozen model is not saved
     expected = sum(math.prod(s) for s in shapes.values())  # the generator, PG's prompt and the head train
     assert metrics["trainable_params"] == expected and f"trainable params: {expected:,d}" in stdout
-    assert metrics["method"] == method and metrics["lr"] == DEFAULT_LR[method]
+    assert metrics["method"] == method and metrics["lr"] == default_lr(method)
     assert metrics["steps"] == 5 * math.ceil(480 / 16)
     assert "sentence encoder: the model itself" in stdout
     assert ("with a learned encoder prompt" in stdout) is (method == "pg")
@@ -415,7 +415,7 @@ def test_bad_sentence_encoder(tmp_path, tiny_model, tiny_csv, capsys):
 
 
 def test_the_parser_offers_exactly_the_choices_the_code_knows():
-    """cli.py spells the choices out (importing torch to build --help would be slow): they must stay the code's."""
+    """cli.py spells these choices out: they must stay the code's."""
     from unipeft.cli import build_parser
     from unipeft.train.generation import SEARCHES
     from unipeft.train.run import EVAL_MODES

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from test_cli import tiny_csv, tiny_model  # noqa: F401  (fixtures)
 from unipeft.cli import main
-from unipeft.train.methods import DEFAULT_LR
+from unipeft.train.methods import default_lr
 
 ARGS = ["--epochs", "2", "--batch-size", "16", "--max-length", "16", "--seed", "1", "--no-progress"]
 
@@ -44,7 +44,7 @@ def test_method_trains_and_saves_its_config(method, args, expected, tmp_path, ti
     metrics = train(tiny_model, tiny_csv, out, "--method", method, *args)
     config = json.loads((out / "adapter_config.json").read_text())
     assert {k: config[k] for k in expected} == expected
-    assert metrics["method"] == method and metrics["lr"] == DEFAULT_LR[method]
+    assert metrics["method"] == method and metrics["lr"] == default_lr(method)
     assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
     assert metrics["trainable_params"] == sum(t.numel() for t in load_file(out / "adapter_model.safetensors").values()) \
         or method in ("mam", "adalora")  # MAM's prefix MLP folds into the prefix; AdaLoRA saves the kept ranks

@@ -1,30 +1,36 @@
-"""Method registry: peft_type -> (config class, adapter layer factory, parameter prefix).
+"""Method registry: peft_type -> (config class, adapter layer factory, parameter prefix), and the
+`unipeft train --method` presets.
 
-Adding a method is one line in `METHOD_MODULES` plus its file under `methods/`, which calls
-`register_method` when imported. Nothing else in the engine changes.
+Adding a method is one line in `METHOD_MODULES` plus its file under `methods/`, which, when imported, calls
+`register_method` for each peft_type it implements and `register_preset` for each name `unipeft train
+--method` knows it by, and lists its public names in `__all__` (they become `unipeft.<name>`). Nothing else
+in the engine, the command line or the package's exports changes.
 """
 from __future__ import annotations
 
 import enum
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from .config import PeftConfig
 
 METHOD_MODULES: dict[str, str] = {
     "LORA": "unipeft.methods.lora",
-    "IA3": "unipeft.methods.ia3",
-    "PROMPT_TUNING": "unipeft.methods.prompt",
-    "P_TUNING": "unipeft.methods.prompt",
-    "PREFIX_TUNING": "unipeft.methods.prefix",
-    "IDPG": "unipeft.methods.idpg",
-    "BITFIT": "unipeft.methods.bitfit",
-    "BOTTLENECK": "unipeft.methods.bottleneck",
-    "UNIFIED": "unipeft.methods.unified",
-    "CROSS_PREFIX": "unipeft.methods.cross_prefix",
     "LOHA": "unipeft.methods.loha",
     "LOKR": "unipeft.methods.lokr",
     "OFT": "unipeft.methods.oft",
     "ADALORA": "unipeft.methods.adalora",
+    "PROMPT_TUNING": "unipeft.methods.prompt",
+    "P_TUNING": "unipeft.methods.prompt",
+    "PREFIX_TUNING": "unipeft.methods.prefix",
+    "IDPG": "unipeft.methods.idpg",
+    "BOTTLENECK": "unipeft.methods.bottleneck",
+    "UNIFIED": "unipeft.methods.unified",
+    "CROSS_PREFIX": "unipeft.methods.cross_prefix",
+    "IA3": "unipeft.methods.ia3",
+    "BITFIT": "unipeft.methods.bitfit",
 }
 
 PeftType = enum.Enum("PeftType", {name: name for name in METHOD_MODULES}, type=str)
@@ -74,3 +80,50 @@ def get_method(peft_type: str) -> MethodSpec:
     if key not in _METHODS:
         importlib.import_module(METHOD_MODULES[key])
     return _METHODS[key]
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The method settings `unipeft train` takes as flags; each preset reads the ones it needs."""
+    task_type: Optional[str] = None
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[list[str]] = None  # None: the model family's default (query, value for BERT)
+    num_virtual_tokens: int = 20
+    sentence_encoder: Optional[str] = None  # None: the base model itself
+    bottleneck_size: Optional[int] = None  # None: the preset's own
+    axes: Optional[dict] = None  # design-space axes (unified, mam)
+    total_steps: int = 1  # the run's optimizer steps (AdaLoRA's schedule)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """`unipeft train --method NAME`: the config it builds from the run's knobs and the rate it trains at."""
+    name: str
+    lr: float  # the default learning rate (README: each method's rate sweep on the embedded default)
+    build: Callable[[Knobs], "PeftConfig"]
+    summary: str  # one line: what the preset attaches, for --help and the README
+
+
+_PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(preset: Preset) -> None:
+    _PRESETS[preset.name] = preset
+
+
+def method_modules() -> list[Any]:
+    """Every method module, imported (they register their methods and presets as they load)."""
+    return [importlib.import_module(module) for module in dict.fromkeys(METHOD_MODULES.values())]
+
+
+def presets() -> dict[str, Preset]:
+    """Every `unipeft train --method` preset, in the order of `METHOD_MODULES`."""
+    method_modules()
+    return dict(_PRESETS)
+
+
+def exports() -> dict[str, str]:
+    """Public name -> method module, from each module's `__all__`."""
+    return {name: module.__name__ for module in method_modules() for name in module.__all__}

@@ -10,13 +10,13 @@ import datetime
 import json
 import os
 import platform
-import types
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import unipeft
-from unipeft.train.methods import METHODS as CLI_METHODS
+from unipeft.registry import Knobs
+from unipeft.train.methods import method_presets
 from unipeft.train.trainer import LoopOptions
 
 DEVICE = os.environ.get("UNIPEFT_ENGINE_DEVICE", "cpu")
@@ -26,7 +26,7 @@ GPU_ENGINES = {"fp16": "ddp"}
 COLUMNS = {"ddp": "DDP", "bf16": "bf16", "fsdp": "FSDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3",
            "fp16": "fp16 (GPU)"}
 PRECISION = {"bf16": "bf16", "fp16": "fp16"}  # the others train in float32
-METHODS = tuple(CLI_METHODS)
+METHODS = tuple(method_presets())
 PER_PROCESS_BATCH = 4
 PROCESSES = 2 if DEVICE == "cpu" else max(1, min(2, torch.cuda.device_count()))  # one GPU a process
 # On one GPU a launch is a single process: only the GPU columns (precision, not sharding) mean anything there.
@@ -47,9 +47,8 @@ def adapt(bert, method: str):
     same whether the base was built whole, on the meta device or partitioned by ZeRO-3; full: the BERT itself."""
     if method == "full":
         return bert.requires_grad_(True)
-    config = CLI_METHODS[method](types.SimpleNamespace(
-        task_type="SEQ_CLS", r=4, alpha=8, dropout=0.0, target_modules=None, num_virtual_tokens=4,
-        sentence_encoder=None, bottleneck_size=8, unified_config=None, total_steps=12,
+    config = method_presets()[method].build(Knobs(
+        task_type="SEQ_CLS", r=4, alpha=8, dropout=0.0, num_virtual_tokens=4, bottleneck_size=8, total_steps=12,
         axes={"attn_bn": 4, "ffn_bn": 8, "mid_dim": 16, **(UNIFIED_POINT if method == "unified" else {})}))
     if method == "oft":
         config.oft_block_size = 8  # 4 rotations a layer on 32 features

@@ -12,6 +12,7 @@ triplets per `<module>.lora_E`; the file holds the kept ones only) are HF PEFT's
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..engine.layers import AdapterError, AdapterLayer, is_conv1d, logical_name
 from ..engine.sharding import numel
-from ..registry import MethodSpec, PeftType, register_method
+from ..registry import MethodSpec, PeftType, Preset, register_method, register_preset
 from .lora import LoraConfig
+
+__all__ = ["AdaLoraConfig"]
 
 UNSCHEDULED_STEPS_WARNING = 100  # training forwards without update_and_allocate before we warn
 
@@ -274,3 +277,11 @@ def adalora_layer_for(module: nn.Module, config: AdaLoraConfig):
 register_method(MethodSpec("ADALORA", AdaLoraConfig, adalora_layer_for, "lora_", "adalora",
                            loss_term=orthogonal_penalty, after_optimizer_step=update_and_allocate,
                            step_state=step_state, load_step_state=load_step_state))
+
+
+# --r is the final average rank; training starts from 1.5x as many triplets (the paper's 12 -> 8), keeps them
+# for the first 10% of steps and fine-tunes the final ranks for the last 20%
+register_preset(Preset("adalora", 3e-2, lambda k: AdaLoraConfig(
+    task_type=k.task_type, target_r=k.r, init_r=math.ceil(1.5 * k.r), lora_alpha=k.alpha, lora_dropout=k.dropout,
+    target_modules=k.target_modules, total_step=k.total_steps, tinit=k.total_steps // 10, tfinal=k.total_steps // 5),
+    "AdaLoRA: `--r` is the final average rank, the schedule runs inside the loop"))

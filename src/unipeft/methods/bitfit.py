@@ -20,7 +20,9 @@ from ..config import ConfigError, PeftConfig
 from ..engine.layers import AdapterLayer, innermost
 from ..engine.sites import block_paths, block_sites_of, resolve_in_block
 from ..engine.targeting import logical_modules, name_matches
-from ..registry import MethodSpec, PeftType, register_method
+from ..registry import MethodSpec, PeftType, Preset, register_method, register_preset
+
+__all__ = ["BitFitConfig"]
 
 GROUPS = ("attention", "ffn", "norm")
 # Cross-attention sub-modules of decoder blocks (BART, T5, BERT-as-decoder); BlockSites names self-attention only.
@@ -134,3 +136,6 @@ def bitfit_layer_for(module: nn.Module, config: BitFitConfig):
 
 
 register_method(MethodSpec("BITFIT", BitFitConfig, bitfit_layer_for, "bitfit_", "lora"))
+
+
+register_preset(Preset("bitfit", 1e-2, lambda k: BitFitConfig(task_type=k.task_type), ""))

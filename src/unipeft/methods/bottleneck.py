@@ -15,7 +15,7 @@ Nothing of the model's own code is copied.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -25,10 +25,14 @@ from ..config import ConfigError, PeftConfig
 from ..engine.capture import CapturingLayer
 from ..engine.layers import innermost, out_features
 from ..engine.sites import block_paths, block_sites_of, resolve_in_block
-from ..registry import MethodSpec, register_method
+from ..registry import Knobs, MethodSpec, Preset, register_method, register_preset
+
+__all__ = ["BottleneckConfig", "HoulsbyConfig", "PfeifferConfig", "ParallelAdapterConfig",
+           "ScaledParallelAdapterConfig"]
 
 ATTENTION, FFN = "attention", "ffn"
 SEQUENTIAL, PARALLEL, PFEIFFER = "sequential", "parallel", "pfeiffer"
+
 LEARNABLE = "learnable_scalar"
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "silu": F.silu}
 
@@ -179,3 +183,17 @@ class ScaledParallelAdapterConfig(ParallelAdapterConfig):
 
 
 register_method(MethodSpec("BOTTLENECK", BottleneckConfig, bottleneck_layer_for, "adapter_", "lora"))
+
+
+def _preset(config_cls: type) -> Callable[[Knobs], BottleneckConfig]:
+    def build(knobs: Knobs) -> BottleneckConfig:
+        size = {"bottleneck_size": knobs.bottleneck_size} if knobs.bottleneck_size else {}
+        return config_cls(task_type=knobs.task_type, adapter_dropout=knobs.dropout, **size)
+    return build
+
+
+register_preset(Preset("houlsby", 3e-3, _preset(HoulsbyConfig), ""))
+register_preset(Preset("pfeiffer", 3e-3, _preset(PfeifferConfig), ""))
+register_preset(Preset("parallel", 3e-3, _preset(ParallelAdapterConfig), ""))
+# its output is scaled by 4: the same step as the parallel adapter's 3e-3, roughly
+register_preset(Preset("scaled_parallel", 1e-3, _preset(ScaledParallelAdapterConfig), "bottleneck adapters"))

@@ -31,6 +31,8 @@ from ..engine.virtual import SIDE
 from ..registry import MethodSpec, register_method
 from .prefix import PrefixKeysValues, PrefixTuningConfig
 
+__all__: list[str] = []
+
 SIDE_SITE = "blocks"
 
 

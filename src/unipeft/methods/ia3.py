@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from ..config import ConfigError, PeftConfig
 from ..compat import is_conv1d
 from ..engine.layers import AdapterError, AdapterLayer, innermost
-from ..registry import MethodSpec, PeftType, register_method
+from ..registry import MethodSpec, PeftType, Preset, register_method, register_preset
+
+__all__ = ["IA3Config"]
 
 
 @dataclass
@@ -186,3 +188,6 @@ def ia3_layer_for(module: nn.Module, config: IA3Config):
 
 
 register_method(MethodSpec("IA3", IA3Config, ia3_layer_for, "ia3_", "ia3"))
+
+
+register_preset(Preset("ia3", 3e-2, lambda k: IA3Config(task_type=k.task_type, target_modules=k.target_modules), ""))

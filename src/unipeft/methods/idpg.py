@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,8 +35,10 @@ from ..config import ConfigError
 from ..engine.inject import CheckpointMismatchError
 from ..engine.layers import AdapterError
 from ..engine.virtual import TOKENS, VirtualInput, blocks_of, body_of
-from ..registry import MethodSpec, register_method
+from ..registry import Knobs, MethodSpec, Preset, register_method, register_preset
 from .prompt import PromptLearningConfig, _model_dim, check_and_copy
+
+__all__ = ["IDPGConfig"]
 
 SELF = "self"
 KEY_PREFIX = "prompt_encoder."
@@ -280,3 +283,16 @@ def build_idpg(model: nn.Module, config: IDPGConfig) -> InstancePrompts:
 
 
 register_method(MethodSpec("IDPG", IDPGConfig, None, "prompt_", "", build_virtual=build_idpg))
+
+
+def _idpg(knobs: Knobs, learn_encoder_prompt: bool = False) -> IDPGConfig:
+    # The generator keeps its own defaults (hidden size 384, dropout 0.1); the sentence encoder is the base
+    # model itself unless --sentence-encoder names a model that shares its tokenizer.
+    encoder = os.path.expanduser(knobs.sentence_encoder) if knobs.sentence_encoder else SELF
+    return IDPGConfig(task_type=knobs.task_type, num_virtual_tokens=knobs.num_virtual_tokens, sentence_encoder=encoder,
+                      learn_encoder_prompt=learn_encoder_prompt)
+
+
+register_preset(Preset("idpg", 3e-3, _idpg, "IDPG: a generator makes each input's prompt from a frozen sentence encoding"))
+register_preset(Preset("pg", 3e-3, lambda k: _idpg(k, learn_encoder_prompt=True),
+                       "IDPG with a learned prompt in front of the encoder's input too"))

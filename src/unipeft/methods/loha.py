@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 from ..compat import is_conv1d
 from ..engine.layers import AdapterLayer, out_features
-from ..registry import MethodSpec, register_method
+from ..registry import MethodSpec, Preset, register_method, register_preset
 from .lycoris import LycorisConfig, module_dropped, rank_keep
+
+__all__ = ["LoHaConfig"]
 
 
 @dataclass
@@ -68,3 +70,7 @@ def loha_layer_for(module: nn.Module, config: LoHaConfig):
 
 
 register_method(MethodSpec("LOHA", LoHaConfig, loha_layer_for, "hada_", "lora"))
+
+
+register_preset(Preset("loha", 1e-2, lambda k: LoHaConfig(
+    task_type=k.task_type, r=k.r, alpha=k.alpha, target_modules=k.target_modules), "LoHa"))

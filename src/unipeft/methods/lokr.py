@@ -23,8 +23,10 @@ from ..config import ConfigError
 from ..compat import is_conv1d
 from ..engine.layers import AdapterLayer, out_features
 from ..engine.targeting import TargetError
-from ..registry import MethodSpec, register_method
+from ..registry import MethodSpec, Preset, register_method, register_preset
 from .lycoris import LycorisConfig, module_dropped, rank_keep
+
+__all__ = ["LoKrConfig"]
 
 
 @dataclass
@@ -135,3 +137,7 @@ def lokr_layer_for(module: nn.Module, config: LoKrConfig):
 
 
 register_method(MethodSpec("LOKR", LoKrConfig, lokr_layer_for, "lokr_", "lora"))
+
+
+register_preset(Preset("lokr", 1e-2, lambda k: LoKrConfig(
+    task_type=k.task_type, r=k.r, alpha=k.alpha, target_modules=k.target_modules), "LoKr"))

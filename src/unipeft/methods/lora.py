@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from ..config import ConfigError, PeftConfig
 from ..compat import is_conv1d, is_exact_conv1d
 from ..engine.layers import AdapterLayer
-from ..registry import MethodSpec, PeftType, register_method
+from ..registry import MethodSpec, PeftType, Preset, register_method, register_preset
+
+__all__ = ["LoraConfig"]
 
 # Hugging Face PEFT LoRA fields we do not implement; accepted while neutral (see PeftConfig.from_dict).
 _PEFT_ONLY_FIELDS = {
@@ -317,3 +319,10 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
                 new_A[offset:offset + A.shape[0]] = w * s * A
                 new_B[:, offset:offset + A.shape[0]] = B
                 offset += A.shape[0]
+
+
+register_preset(Preset("lora", 1e-3, lambda k: LoraConfig(
+    task_type=k.task_type, r=k.r, lora_alpha=k.alpha, lora_dropout=k.dropout, target_modules=k.target_modules), ""))
+register_preset(Preset("dora", 3e-3, lambda k: LoraConfig(
+    task_type=k.task_type, r=k.r, lora_alpha=k.alpha, lora_dropout=k.dropout, target_modules=k.target_modules,
+    use_dora=True), "LoRA with a learned magnitude, `use_dora=True`"))

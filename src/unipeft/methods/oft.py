@@ -32,7 +32,9 @@ from ..config import ConfigError, PeftConfig
 from ..compat import is_conv1d
 from ..engine.layers import AdapterLayer, innermost
 from ..engine.targeting import TargetError
-from ..registry import MethodSpec, register_method
+from ..registry import MethodSpec, Preset, register_method, register_preset
+
+__all__ = ["OFTConfig"]
 
 
 @dataclass
@@ -165,3 +167,8 @@ def oft_layer_for(module: nn.Module, config: OFTConfig):
 
 
 register_method(MethodSpec("OFT", OFTConfig, oft_layer_for, "oft_", "lora"))
+
+
+# HF PEFT's default: blocks of 32 (MiniLM's 384 features make 12 rotations per layer); --r is not read
+register_preset(Preset("oft", 1e-2, lambda k: OFTConfig(
+    task_type=k.task_type, r=0, oft_block_size=32, target_modules=k.target_modules), "OFT, blocks of 32; `--r` is not read"))

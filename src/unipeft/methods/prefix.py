@@ -37,8 +37,10 @@ import torch.nn as nn
 from ..config import ConfigError
 from ..engine.prefix_attention import CROSS, DECODER_SELF, ENCODER_SELF, PREFIX_SITES, attention_layers
 from ..engine.virtual import PREFIX, supports_cache
-from ..registry import MethodSpec, register_method
+from ..registry import MethodSpec, Preset, register_method, register_preset
 from .prompt import PromptLearningConfig, VirtualPrompt
+
+__all__ = ["PrefixTuningConfig"]
 
 
 @dataclass
@@ -187,3 +189,7 @@ def build_prefix(model: nn.Module, config: PrefixTuningConfig) -> PrefixKeysValu
 
 
 register_method(MethodSpec("PREFIX_TUNING", PrefixTuningConfig, None, "prompt_", "", build_virtual=build_prefix))
+
+
+register_preset(Preset("prefix", 1e-1, lambda k: PrefixTuningConfig(
+    task_type=k.task_type, num_virtual_tokens=k.num_virtual_tokens), "prefix tuning"))

@@ -16,7 +16,10 @@ import torch.nn as nn
 from ..config import ConfigError, PeftConfig
 from ..engine.inject import CheckpointMismatchError
 from ..engine.virtual import TOKENS, VirtualInput
-from ..registry import MethodSpec, register_method
+from ..registry import MethodSpec, Preset, register_method, register_preset
+
+__all__ = ["PromptLearningConfig", "PromptTuningConfig", "PromptEncoderConfig", "PromptTuningInit",
+           "PromptEncoderReparameterizationType"]
 
 PROMPT_KEY = "prompt_embeddings"
 
@@ -259,3 +262,10 @@ def build_p_tuning(model: nn.Module, config: PromptEncoderConfig) -> PromptToken
 
 register_method(MethodSpec("PROMPT_TUNING", PromptTuningConfig, None, "prompt_", "", build_virtual=build_prompt_tuning))
 register_method(MethodSpec("P_TUNING", PromptEncoderConfig, None, "prompt_", "", build_virtual=build_p_tuning))
+
+
+# Prompt methods move a few vectors a long way: they need a far larger step than weight-level methods.
+register_preset(Preset("prompt", 1e-1, lambda k: PromptTuningConfig(
+    task_type=k.task_type, num_virtual_tokens=k.num_virtual_tokens), "prompt tuning"))
+register_preset(Preset("ptuning", 1e-1, lambda k: PromptEncoderConfig(
+    task_type=k.task_type, num_virtual_tokens=k.num_virtual_tokens), "P-tuning, MLP encoder"))

@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Literal, Optional, Union
 
 from ..config import ConfigError, PeftConfig
 from ..engine.sites import block_paths, block_sites_of, resolve_in_block
-from ..registry import MethodSpec, register_method
+from ..registry import Knobs, MethodSpec, Preset, register_method, register_preset
 
 if TYPE_CHECKING:
     import torch.nn as nn
+
+__all__ = ["UnifiedConfig", "MAMConfig"]
 
 ATTN_MODES = ("none", "prefix", "prefix_nomlp", "lora", "adapter", "prompt_tuning", "bitfit")
 ATTN_OPTIONS = ("none", "concat", "cross_attn", "cross_attn_noln", "cross_attn_relu", "parallel", "sequential")
@@ -165,7 +167,13 @@ def ffn_linears(model: nn.Module) -> list[str]:
 @dataclass
 class MAMConfig(UnifiedConfig):
     """Mix-and-match adapter (He et al., 2022): prefix tuning (l = 30, MLP-reparameterised) at attention plus a
-    scaled parallel adapter (r = 512, s = 4) at the FFN. `MAMConfig.for_glue()` gives smaller sizes."""
+    scaled parallel adapter (r = 512, s = 4) at the FFN. `MAMConfig.for_glue()` gives smaller sizes.
+
+    The learning rate has to shrink as the FFN adapter widens: its up-projection starts at zero, and each Adam
+    step moves the adapter's output by about s × lr × the summed |activations| of its r hidden units. He et al.
+    train these sizes at 1e-4 (GLUE) and 5e-5 (XSum); on MiniLM, r = hidden/2 = 192 at 1e-3 can sit at the
+    label prior for hundreds of steps where r = 64 learns, and 3e-4 (about the r = 64 adapter's step at 1e-3)
+    learns (benchmarks/fidelity.py)."""
     attn_mode: Literal["none", "prefix", "prefix_nomlp", "lora", "adapter", "prompt_tuning", "bitfit"] = "prefix"
     attn_option: Optional[Literal["none", "concat", "cross_attn", "cross_attn_noln", "cross_attn_relu", "parallel",
                                   "sequential"]] = "concat"
@@ -182,3 +190,19 @@ class MAMConfig(UnifiedConfig):
 
 
 register_method(MethodSpec("UNIFIED", UnifiedConfig, None, "", "", components=components))
+
+
+def _axes(knobs: Knobs) -> dict:
+    """The run's design-space axes (--unified-config's, under the flags'), checked by name."""
+    axes = {key: value for key, value in (knobs.axes or {}).items() if key != "peft_type"}
+    unknown = sorted(set(axes) - set(AXES) - {"task_type", "layers_to_transform"})
+    if unknown:
+        raise ConfigError(f"unknown design-space axes {unknown}; the axes are {', '.join(AXES)}")
+    return {**axes, "task_type": knobs.task_type}
+
+
+# The GLUE-size variant (prefix l = 16, adapter r = 64) suits a 22M-parameter classifier; flags override it.
+register_preset(Preset("mam", 1e-3, lambda k: MAMConfig.for_glue(**_axes(k)),
+                       "prefix + scaled parallel adapter, GLUE sizes l = 16, r = 64"))
+# a starting point for any point of the design space, not tuned per point
+register_preset(Preset("unified", 1e-3, lambda k: UnifiedConfig(**_axes(k)), "any point of the design space"))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import UsageError
-from .methods import IDPG_METHODS, PROMPT_METHODS, check_method, default_lr, method_config
+from .methods import check_method, default_lr, method_config
 
 METRICS_FILE = "metrics.json"
 EVAL_MODES = ("sft", "icl")
@@ -44,7 +44,7 @@ class TrainOptions:
     max_new_tokens: int | None = None  # None: the task's default
     max_target_length: int = 64  # tokens of a generation target in training
     epochs: int = 3
-    lr: float | None = None  # None: the method's default (methods.DEFAULT_LR: 1e-3 LoRA, larger for prompt methods)
+    lr: float | None = None  # None: the method's default (its preset's: 1e-3 LoRA, larger for prompt methods)
     batch_size: int = 32
     grad_accum: int = 1
     schedule: str = "linear"  # after warm-up: linear, cosine or constant
@@ -185,12 +185,13 @@ def _check_room_for_virtual_tokens(options: TrainOptions, model) -> None:
                          f"--num-virtual-tokens)")
 
 
-def _check_sentence_encoder(options: TrainOptions, tokenizer) -> None:
+def _check_sentence_encoder(options: TrainOptions, method_config, tokenizer) -> None:
     """A separate sentence encoder reads the base model's input_ids: it must know every id of the tokenizer and
     (with pg's encoder prompt in front) have positions for the longest text. Checked from its config alone."""
     from transformers import AutoConfig
 
     name = options.sentence_encoder
+    extra = options.num_virtual_tokens if getattr(method_config, "learn_encoder_prompt", False) else 0
     try:
         config = AutoConfig.from_pretrained(os.path.expanduser(name))
     except (OSError, ValueError) as exc:
@@ -202,7 +203,6 @@ def _check_sentence_encoder(options: TrainOptions, tokenizer) -> None:
         raise UsageError(f"sentence encoder {name!r} has {vocab} tokens but the model's tokenizer has "
                          f"{len(tokenizer)}; it must share the model's tokenizer")
     positions = getattr(config, "max_position_embeddings", None)
-    extra = options.num_virtual_tokens if check_method(options.method) == "pg" else 0
     if isinstance(positions, int) and options.max_length + extra > positions:
         raise UsageError(f"sentence encoder {name!r} has {positions} positions, fewer than max_length "
                          f"{options.max_length}" + (f" plus {extra} encoder-prompt tokens" if extra else ""))
@@ -354,13 +354,13 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
         model, tokenizer = load_model(model_name, dataset.labels, head,
                                       on_meta=engine.kind == "fsdp" and not is_main_process())
     _check_lengths(options, task, head, tokenizer, model)
-    if method in PROMPT_METHODS:
-        _check_room_for_virtual_tokens(options, model)
-    if method in IDPG_METHODS and options.sentence_encoder:
-        _check_sentence_encoder(options, tokenizer)
     options = dataclasses.replace(options, total_steps=optimizer_steps(len(dataset.train), options),
                                   task_type=TASK_TYPES[head])
     config = method_config(options)
+    if config is not None and config.is_prompt_learning:
+        _check_room_for_virtual_tokens(options, model)
+    if options.sentence_encoder and getattr(config, "sentence_encoder", None):
+        _check_sentence_encoder(options, config, tokenizer)
     log(f"model: {model_name} ({type(model).__name__}) on {device}")
     if config is None:  # full fine-tuning, the baseline: the model itself trains and is saved whole
         peft_model = model.requires_grad_(True)
