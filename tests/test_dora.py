@@ -94,3 +94,15 @@ def test_add_weighted_adapter_refuses_dora_and_adds_nothing():
     with pytest.raises(ConfigError, match="plain LoRA adapters .*not DoRA"):
         model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="cat")
     assert sorted(model.peft_config) == ["default", "other"]
+
+
+def test_add_weighted_adapter_refuses_other_methods_by_name_and_adds_nothing():
+    from unipeft import IA3Config
+
+    model = get_peft_model(F.make_model("llama", "CAUSAL_LM"), IA3Config(task_type="CAUSAL_LM"))
+    model.add_adapter("other", IA3Config(task_type="CAUSAL_LM"))
+    with pytest.raises(ConfigError, match="IA3 adapters cannot be combined; it combines LoRA adapters"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    with pytest.raises(ConfigError, match="no adapters given"):
+        model.add_weighted_adapter([], [], "mix")
+    assert sorted(model.peft_config) == ["default", "other"]

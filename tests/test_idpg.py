@@ -441,7 +441,7 @@ def test_m_idpg_refuses_gradient_checkpointing():
     peft, _ = make(multi_layer=True)
     peft.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft.train()
-    with pytest.raises(AdapterError, match="M-IDPG.*gradient checkpointing"):
+    with pytest.raises(AdapterError, match="per-layer prompt .InstancePrompts.*gradient checkpointing.*multi_layer=False"):
         peft(**Fam.make_batch("gpt2", "CAUSAL_LM"))
 
 

@@ -173,29 +173,30 @@ def _add_design_space(p) -> None:
     """One flag per UnifiedConfig axis, typed and with the choices its field allows."""
     import typing
 
-    from .methods.unified import AXES, UnifiedConfig
+    from .registry import get_method
 
+    design_space = get_method("UNIFIED").config_cls
     group = p.add_argument_group("design space (--method unified; --method mam takes them as overrides)")
     group.add_argument("--unified-config", default=None, metavar="FILE.json",
                        help="a JSON object of axes, e.g. {\"attn_mode\": \"prefix\", \"ffn_mode\": \"adapter\"}; flags override it")
-    hints = typing.get_type_hints(UnifiedConfig)
-    for axis in AXES:
+    hints = typing.get_type_hints(design_space)
+    for axis in design_space.AXES:
         hint = hints[axis]
         kinds = [hint] if typing.get_origin(hint) is typing.Literal else list(typing.get_args(hint)) or [hint]
         literals = [v for k in kinds if typing.get_origin(k) is typing.Literal for v in typing.get_args(k)]
         kind = str if literals or str in kinds else int if int in kinds else float
-        default = UnifiedConfig.__dataclass_fields__[axis].default
+        default = design_space.__dataclass_fields__[axis].default
         group.add_argument(f"--{axis.replace('_', '-')}", dest=axis, type=kind, default=None,
                            choices=literals or None, help=f"(default: {default})")
 
 
 def train_options(args: argparse.Namespace):
     """The TrainOptions of parsed `unipeft train` arguments."""
-    from .methods.unified import AXES
+    from .registry import get_method
     from .train.run import TrainOptions
 
     fields = TrainOptions.__dataclass_fields__
-    axes = {axis: getattr(args, axis) for axis in AXES if getattr(args, axis) is not None}
+    axes = {axis: getattr(args, axis) for axis in get_method("UNIFIED").config_cls.AXES if getattr(args, axis) is not None}
     return TrainOptions(**{k: v for k, v in vars(args).items() if k in fields}, axes=axes)
 
 

@@ -162,6 +162,13 @@ class PeftConfig:
     def is_prompt_learning(self) -> bool:
         return False
 
+    def describe(self) -> str:
+        """Where the adapter attaches, in a few words for a run's log (methods say more about themselves)."""
+        targets = getattr(self, "target_modules", None)
+        if not targets:
+            return type(self).__name__
+        return f"target modules: {targets if isinstance(targets, str) else ', '.join(sorted(targets))}"
+
     @property
     def is_adaption_prompt(self) -> bool:
         return False

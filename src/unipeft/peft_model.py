@@ -213,9 +213,16 @@ class PeftModel(nn.Module):
         return self.base_model.unload(merge=False)
 
     def add_weighted_adapter(self, adapters, weights, adapter_name, combination_type="svd", svd_rank=None, **kwargs) -> None:
-        from .methods.lora import add_weighted_adapter
+        from .config import ConfigError
+        from .registry import get_method
 
-        add_weighted_adapter(self.base_model, adapters, weights, adapter_name, combination_type, svd_rank)
+        self.base_model.check_names(adapters)
+        peft_type = self.peft_config[adapters[0]].peft_type if adapters else None
+        combine = get_method(peft_type).add_weighted_adapter if adapters else None
+        if combine is None:
+            raise ConfigError(f"add_weighted_adapter: {peft_type or 'no adapters given'}"
+                              f"{' adapters cannot be combined' if adapters else ''}; it combines LoRA adapters")
+        combine(self.base_model, adapters, weights, adapter_name, combination_type, svd_rank)
 
     # ---- files ---------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import enum
 import importlib
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 if TYPE_CHECKING:
     from .config import PeftConfig
@@ -45,7 +45,8 @@ class MethodSpec:
     # method cannot attach to this kind of module. None for methods that add virtual inputs instead.
     layer_for: Optional[Callable]
     prefix: str  # start of the parameter names this method adds ("lora_"), for readers and filters
-    site_key: str  # which default-target list of the family site table the method uses
+    # model_type -> the modules it adapts when target_modules is not given (HF PEFT's defaults per family)
+    default_targets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # For prompt methods: (model, resolved config) -> engine.virtual.VirtualInput holding its tensors
     build_virtual: Optional[Callable] = None
     # For union configs (the design space): (config, model) -> the plain method configs it is made of
@@ -58,6 +59,8 @@ class MethodSpec:
     # and (adapter_model, adapter name, that dict) -> None to restore it: an interrupted run resumes exactly
     step_state: Optional[Callable] = None
     load_step_state: Optional[Callable] = None
+    # (adapter_model, adapters, weights, new name, combination_type, svd_rank) -> None: PeftModel.add_weighted_adapter
+    add_weighted_adapter: Optional[Callable] = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -142,7 +142,7 @@ class AdapterModel(nn.Module):
                 plan.virtual = spec.build_virtual(self.model, config).to(*self._model_device_dtype())
             if spec.layer_for is None:
                 return
-        plan.target_modules = targets = config.target_modules or default_targets(self.model, spec.site_key)
+        plan.target_modules = targets = config.target_modules or default_targets(self.model, spec.default_targets)
         for module_name in find_targets(
             self.model, targets, exclude_modules=getattr(config, "exclude_modules", None),
             layers_to_transform=getattr(config, "layers_to_transform", None),
@@ -389,9 +389,9 @@ class AdapterModel(nn.Module):
                               for n in names if n in m.hparams and not m.mergeable})
         if unmergeable:
             raise AdapterError(
-                f"cannot merge: {unmergeable[0]}{' and others' if len(unmergeable) > 1 else ''} is a bottleneck adapter, "
-                f"whose change passes through a nonlinearity and is no weight change; nothing was merged. Keep the "
-                f"PeftModel for inference (or unload() to drop the adapter)"
+                f"cannot merge: the change of {unmergeable[0]}{' and others' if len(unmergeable) > 1 else ''} is "
+                f"computed from the layer's input (through a nonlinearity or an attention of its own), not a change of "
+                f"the weights; nothing was merged. Keep the PeftModel for inference (or unload() to drop the adapter)"
             )
         if safe_merge:  # check every layer first so a refusal leaves the base untouched
             for module_name, layer in layers:

@@ -73,7 +73,7 @@ def named_part_tensors(prefix: str, parts: dict[str, Any]) -> dict[str, torch.Te
 class AdapterLayer(nn.Module):
     """Wraps `base_layer` (kept intact as a child) and adds the deltas of the active adapters."""
 
-    mergeable = True  # False where the change is not a function of the weights alone (bottleneck adapters)
+    mergeable = True  # False where the change is not a function of the weights alone (it reads the input)
     delta_depends_on_weight = False  # True where ΔW is a function of W (DoRA, OFT): merge keeps what it added
 
     def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:

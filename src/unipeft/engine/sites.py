@@ -1,8 +1,6 @@
 """Per-family site maps: data, not code. Each row names modules by suffix for one `model_type`.
 
-`lora`       default LoRA targets (the attention query/value projections, as in the LoRA paper)
-`adalora`    default AdaLoRA targets where HF PEFT's differ from `lora` (LoRA's otherwise)
-`ia3`, `ia3_feedforward`  default IA3 targets and which of them scale their input (HF PEFT's defaults)
+(Which modules a method adapts by default is the method's own table: `MethodSpec.default_targets`.)
 `block`      where block-level methods attach inside one transformer block (see `BlockSites`)
 `heads`      task heads that are newly initialised for SEQ_CLS / TOKEN_CLS and so must be trained and saved
 `layers`     the name of the container whose numbered children are the transformer blocks
@@ -12,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -47,75 +45,50 @@ _LLAMA_BLOCK = BlockSites("self_attn", "self_attn.o_proj", "mlp", "mlp.down_proj
 
 @dataclass(frozen=True)
 class FamilySites:
-    lora: tuple[str, ...]
     layers: str
     block: BlockSites | None = None
-    ia3: tuple[str, ...] = ()
-    ia3_feedforward: tuple[str, ...] = ()
     seq_cls_heads: tuple[str, ...] = ("classifier", "score")
     token_cls_heads: tuple[str, ...] = ("classifier", "score")
     checkpointing_keeps_cache: bool = True
-    adalora: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.adalora is None:
-            object.__setattr__(self, "adalora", self.lora)
 
 
 _ENC_HEADS = ("classifier",)
 _DEBERTA_HEADS = ("pooler", "classifier")  # DeBERTa's ContextPooler is not in pretrained checkpoints
 _ENCDEC_HEADS = ("classification_head",)
-_ATTN_AND_FC = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 FAMILIES: dict[str, FamilySites] = {
-    "bert": FamilySites(lora=("query", "value"), layers="layer", seq_cls_heads=_ENC_HEADS, block=_BERT_BLOCK,
-                        ia3=("key", "value", "output.dense"), ia3_feedforward=("output.dense",)),
-    "roberta": FamilySites(lora=("query", "value"), adalora=("query", "key", "value", "dense"), layers="layer", seq_cls_heads=_ENC_HEADS, block=_BERT_BLOCK,
-                           ia3=("key", "value", "output.dense"), ia3_feedforward=("output.dense",)),
-    "deberta": FamilySites(lora=("in_proj",), layers="layer", seq_cls_heads=_DEBERTA_HEADS,
-                           block=replace(_BERT_BLOCK, query="attention.self.in_proj", query_layout="per_head"),
-                           ia3=("in_proj", "output.dense"), ia3_feedforward=("output.dense",)),
-    "deberta-v2": FamilySites(lora=("query_proj", "value_proj"), adalora=("query_proj", "key_proj", "value_proj", "dense"),
-                              layers="layer", seq_cls_heads=_DEBERTA_HEADS,
-                              block=replace(_BERT_BLOCK, query="attention.self.query_proj"),
-                              ia3=("key_proj", "value_proj", "output.dense"),
-                              ia3_feedforward=("output.dense",)),
-    "gpt2": FamilySites(lora=("c_attn",), layers="h", checkpointing_keeps_cache=False,
+    "bert": FamilySites(layers="layer", seq_cls_heads=_ENC_HEADS, block=_BERT_BLOCK),
+    "roberta": FamilySites(layers="layer", seq_cls_heads=_ENC_HEADS, block=_BERT_BLOCK),
+    "deberta": FamilySites(layers="layer", seq_cls_heads=_DEBERTA_HEADS,
+                           block=replace(_BERT_BLOCK, query="attention.self.in_proj", query_layout="per_head")),
+    "deberta-v2": FamilySites(layers="layer", seq_cls_heads=_DEBERTA_HEADS,
+                              block=replace(_BERT_BLOCK, query="attention.self.query_proj")),
+    "gpt2": FamilySites(layers="h", checkpointing_keeps_cache=False,
                         block=BlockSites("attn", "attn.c_proj", "mlp", "mlp.c_proj", "ln_2", "attn.c_attn",
-                                         query_layout="fused"),
-                        ia3=("c_attn", "mlp.c_proj"), ia3_feedforward=("mlp.c_proj",)),
-    "bloom": FamilySites(lora=("query_key_value",), layers="h",
+                                         query_layout="fused")),
+    "bloom": FamilySites(layers="h",
                          block=BlockSites("self_attention", "self_attention.dense", "mlp", "mlp.dense_4h_to_h",
                                           "post_attention_layernorm", "self_attention.query_key_value",
                                           query_layout="per_head",
-                                          residual_is_normed=lambda c: c.apply_residual_connection_post_layernorm),
-                         ia3=("query_key_value", "mlp.dense_4h_to_h"), ia3_feedforward=("mlp.dense_4h_to_h",)),
-    "opt": FamilySites(lora=("q_proj", "v_proj"), adalora=_ATTN_AND_FC, layers="layers",
+                                          residual_is_normed=lambda c: c.apply_residual_connection_post_layernorm)),
+    "opt": FamilySites(layers="layers",
                        block=BlockSites("self_attn", "self_attn.out_proj", "fc1", "fc2", "final_layer_norm",
-                                        "self_attn.q_proj", lambda config: config.do_layer_norm_before),
-                       ia3=("q_proj", "k_proj", "fc2"), ia3_feedforward=("fc2",)),
-    "gpt_neo": FamilySites(lora=("q_proj", "v_proj"), layers="h",
+                                        "self_attn.q_proj", lambda config: config.do_layer_norm_before)),
+    "gpt_neo": FamilySites(layers="h",
                            block=BlockSites("attn.attention", "attn.attention.out_proj", "mlp", "mlp.c_proj", "ln_2",
-                                            "attn.attention.q_proj"),
-                           ia3=("q_proj", "v_proj", "c_proj"), ia3_feedforward=("c_proj",)),
+                                            "attn.attention.q_proj")),
     # GPT-J runs attention and MLP side by side on ln_1's output; the residual is ln_1's input
-    "gptj": FamilySites(lora=("q_proj", "v_proj"), layers="h",
-                        block=BlockSites("attn", "attn.out_proj", "mlp", "mlp.fc_out", "ln_1", "attn.q_proj"),
-                        ia3=("q_proj", "v_proj", "fc_out"), ia3_feedforward=("fc_out",)),
-    "t5": FamilySites(lora=("q", "v"), adalora=("q", "k", "v", "o", "wi", "wo"), layers="block", seq_cls_heads=_ENCDEC_HEADS,
+    "gptj": FamilySites(layers="h",
+                        block=BlockSites("attn", "attn.out_proj", "mlp", "mlp.fc_out", "ln_1", "attn.q_proj")),
+    "t5": FamilySites(layers="block", seq_cls_heads=_ENCDEC_HEADS,
                       block=BlockSites("layer.0.SelfAttention", "layer.0.SelfAttention.o", "layer.-1.DenseReluDense",
-                                       "layer.-1.DenseReluDense.wo", "layer.-1.layer_norm", "layer.0.SelfAttention.q"),
-                      ia3=("k", "v", "wo"), ia3_feedforward=("wo",)),
-    "bart": FamilySites(lora=("q_proj", "v_proj"), adalora=_ATTN_AND_FC, layers="layers", seq_cls_heads=_ENCDEC_HEADS,
+                                       "layer.-1.DenseReluDense.wo", "layer.-1.layer_norm", "layer.0.SelfAttention.q")),
+    "bart": FamilySites(layers="layers", seq_cls_heads=_ENCDEC_HEADS,
                         block=BlockSites("self_attn", "self_attn.out_proj", "fc1", "fc2", "final_layer_norm",
-                                         "self_attn.q_proj", lambda config: False),
-                        ia3=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",)),
-    "llama": FamilySites(lora=("q_proj", "v_proj"), layers="layers", block=_LLAMA_BLOCK,
-                         ia3=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",)),
-    "qwen2": FamilySites(lora=("q_proj", "v_proj"), layers="layers", block=_LLAMA_BLOCK,
-                         ia3=("q_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",)),
-    "mistral": FamilySites(lora=("q_proj", "v_proj"), layers="layers", block=_LLAMA_BLOCK,
-                           ia3=("k_proj", "v_proj", "down_proj"), ia3_feedforward=("down_proj",)),
+                                         "self_attn.q_proj", lambda config: False)),
+    "llama": FamilySites(layers="layers", block=_LLAMA_BLOCK),
+    "qwen2": FamilySites(layers="layers", block=_LLAMA_BLOCK),
+    "mistral": FamilySites(layers="layers", block=_LLAMA_BLOCK),
 }
 
 # Container names tried, in order, when a model's family is not in the table.
@@ -131,15 +104,15 @@ def family_of(model) -> FamilySites | None:
     return FAMILIES.get(model_type_of(model) or "")
 
 
-def default_targets(model, site_key: str) -> tuple[str, ...] | None:
-    family = family_of(model)
-    return getattr(family, site_key, None) if family else None
+def default_targets(model, table: Mapping[str, tuple[str, ...]]) -> tuple[str, ...] | None:
+    """A method's default targets for this model's family (None: the family is not in its table)."""
+    return table.get(model_type_of(model) or "")
 
 
 def task_heads(model, task_type) -> tuple[str, ...]:
     """Heads to train and save for a task: newly initialised on top of a pretrained body."""
     kind = str(getattr(task_type, "value", task_type))
-    family = family_of(model) or FamilySites(lora=(), layers="layers", seq_cls_heads=("classifier", "score", "classification_head"))
+    family = family_of(model) or FamilySites(layers="layers", seq_cls_heads=("classifier", "score", "classification_head"))
     if kind == "SEQ_CLS":
         return family.seq_cls_heads
     if kind == "TOKEN_CLS":

@@ -51,6 +51,7 @@ class VirtualInput(nn.Module):
     num_virtual: int = 0
     per_instance = False  # tokens depend on the input (IDPG): generate() computes them once per call
     deep = False  # tokens for every block (M-IDPG): tokens() returns [1 or B, blocks, t, d]
+    shallow_option = ""  # a deep prompt's config setting for one prompt at the input, for error messages
     adapter_state: AdapterState | None = None  # the model's shared state, set when the adapter is added
 
     def tokens(self, inputs: dict[str, Any]) -> torch.Tensor:
@@ -295,7 +296,7 @@ class VirtualInputs:
             embeds = compat.token_embeddings(module)(ids)
         tokens = expand_rows(self._tokens(name, prompt, {"input_ids": ids, **kwargs}), embeds.shape[0])
         if prompt.deep:
-            self._hook_blocks(module)
+            self._hook_blocks(module, prompt)
             self._block_tokens[id(module)] = tokens
             tokens = tokens[:, 0]
         kwargs["inputs_embeds"] = torch.cat([tokens.to(embeds.dtype), embeds], dim=1)
@@ -321,14 +322,13 @@ class VirtualInputs:
         setattr(cache, _TAG, prompt.num_virtual)
         return cache
 
-    def _hook_blocks(self, body: nn.Module) -> None:
+    def _hook_blocks(self, body: nn.Module, prompt: VirtualInput) -> None:
         """Deep prompts: before block i (i >= 1) the first t hidden positions become the prompt's slice i."""
         if body.training and any(getattr(m, "gradient_checkpointing", False) for m in body.modules()):
             # a checkpointed block is recomputed after the call, when its slice is no longer at hand
             raise AdapterError(
-                "a per-layer prompt (M-IDPG) cannot train with gradient checkpointing: disable gradient checkpointing "
-                "or use single-layer IDPG (multi_layer=False)"
-            )
+                f"a per-layer prompt ({type(prompt).__name__}) cannot train with gradient checkpointing: disable "
+                f"gradient checkpointing or use one prompt at the input ({prompt.shallow_option})")
         if id(body) in self._blocks_hooked:
             return
         for index, block in enumerate(blocks_of(self.model, body)[1:], start=1):

@@ -25,9 +25,16 @@ from ..config import ConfigError
 from ..engine.layers import AdapterError, AdapterLayer, is_conv1d, logical_name
 from ..engine.sharding import numel
 from ..registry import MethodSpec, PeftType, Preset, register_method, register_preset
+from .lora import DEFAULT_TARGETS as LORA_TARGETS
 from .lora import LoraConfig
 
 __all__ = ["AdaLoraConfig"]
+
+# HF PEFT's AdaLoRA defaults: every attention projection (and the FFN) where they differ from LoRA's
+DEFAULT_TARGETS = {**LORA_TARGETS, "roberta": ("query", "key", "value", "dense"),
+                   "deberta-v2": ("query_proj", "key_proj", "value_proj", "dense"),
+                   "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), "t5": ("q", "k", "v", "o", "wi", "wo"),
+                   "bart": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")}
 
 UNSCHEDULED_STEPS_WARNING = 100  # training forwards without update_and_allocate before we warn
 
@@ -274,7 +281,7 @@ def adalora_layer_for(module: nn.Module, config: AdaLoraConfig):
     return SVDLinear if isinstance(module, nn.Linear) or is_conv1d(module) else None
 
 
-register_method(MethodSpec("ADALORA", AdaLoraConfig, adalora_layer_for, "lora_", "adalora",
+register_method(MethodSpec("ADALORA", AdaLoraConfig, adalora_layer_for, "lora_", DEFAULT_TARGETS,
                            loss_term=orthogonal_penalty, after_optimizer_step=update_and_allocate,
                            step_state=step_state, load_step_state=load_step_state))
 

@@ -49,6 +49,9 @@ class BitFitConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = None
     modules_to_save: Optional[list[str]] = None
 
+    def describe(self) -> str:
+        return f"biases of {self.bias_groups} ({len(self.target_modules or [])} modules)"
+
     def validate(self) -> None:
         super().validate()
         groups = [self.bias_groups] if isinstance(self.bias_groups, str) else list(self.bias_groups)
@@ -135,7 +138,7 @@ def bitfit_layer_for(module: nn.Module, config: BitFitConfig):
     return BitFitLayer if has_bias(module) else None
 
 
-register_method(MethodSpec("BITFIT", BitFitConfig, bitfit_layer_for, "bitfit_", "lora"))
+register_method(MethodSpec("BITFIT", BitFitConfig, bitfit_layer_for, "bitfit_"))
 
 
 register_preset(Preset("bitfit", 1e-2, lambda k: BitFitConfig(task_type=k.task_type), ""))

@@ -54,6 +54,9 @@ class BottleneckConfig(PeftConfig):
     # The site output projections the adapter wraps: filled in from `sites` for the model at hand.
     target_modules: Optional[list[str]] = None
 
+    def describe(self) -> str:  # its sites, not every wrapped projection
+        return f"{self.adapter_option} adapter at {' and '.join(self.sites)}, bottleneck {self.bottleneck_size}"
+
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
@@ -182,7 +185,7 @@ class ScaledParallelAdapterConfig(ParallelAdapterConfig):
     scalar: Union[float, Literal["learnable_scalar"]] = 4.0
 
 
-register_method(MethodSpec("BOTTLENECK", BottleneckConfig, bottleneck_layer_for, "adapter_", "lora"))
+register_method(MethodSpec("BOTTLENECK", BottleneckConfig, bottleneck_layer_for, "adapter_"))
 
 
 def _preset(config_cls: type) -> Callable[[Knobs], BottleneckConfig]:

@@ -127,5 +127,5 @@ def cross_prefix_layer_for(module: nn.Module, config: CrossPrefixConfig):
     return CrossPrefixLayer if getattr(module, "weight", None) is not None and module.weight.dim() == 2 else None
 
 
-register_method(MethodSpec("CROSS_PREFIX", CrossPrefixConfig, cross_prefix_layer_for, "prefix_", "lora",
+register_method(MethodSpec("CROSS_PREFIX", CrossPrefixConfig, cross_prefix_layer_for, "prefix_",
                            build_virtual=build_side_prefix))

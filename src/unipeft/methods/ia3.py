@@ -29,6 +29,18 @@ from ..registry import MethodSpec, PeftType, Preset, register_method, register_p
 
 __all__ = ["IA3Config"]
 
+# model_type -> HF PEFT's default IA3 targets: keys and values (or the fused projection) and the FFN's output
+# projection, the last of each row, which is also the one that scales its input (FEEDFORWARD)
+DEFAULT_TARGETS = {
+    "bert": ("key", "value", "output.dense"), "roberta": ("key", "value", "output.dense"),
+    "deberta": ("in_proj", "output.dense"), "deberta-v2": ("key_proj", "value_proj", "output.dense"),
+    "gpt2": ("c_attn", "mlp.c_proj"), "bloom": ("query_key_value", "mlp.dense_4h_to_h"),
+    "opt": ("q_proj", "k_proj", "fc2"), "gpt_neo": ("q_proj", "v_proj", "c_proj"), "gptj": ("q_proj", "v_proj", "fc_out"),
+    "t5": ("k", "v", "wo"), "bart": ("q_proj", "v_proj", "fc2"), "llama": ("k_proj", "v_proj", "down_proj"),
+    "qwen2": ("q_proj", "v_proj", "down_proj"), "mistral": ("k_proj", "v_proj", "down_proj"),
+}
+FEEDFORWARD = {family: targets[-1:] for family, targets in DEFAULT_TARGETS.items()}
+
 
 @dataclass
 class IA3Config(PeftConfig):
@@ -66,10 +78,10 @@ class IA3Config(PeftConfig):
         """A copy with the family's default target and feedforward lists filled in (recorded, as PEFT does)."""
         from ..engine.sites import default_targets, model_type_of
 
-        targets = self.target_modules or list(default_targets(model, "ia3") or ()) or None
+        targets = self.target_modules or list(default_targets(model, DEFAULT_TARGETS) or ()) or None
         if targets is None or self.feedforward_modules is not None:
             return replace(self, target_modules=targets)
-        feedforward = default_targets(model, "ia3_feedforward")
+        feedforward = default_targets(model, FEEDFORWARD)
         if feedforward is None:
             raise ConfigError(f"IA3Config.feedforward_modules is None and model type {model_type_of(model)!r} has no "
                               f"default; pass feedforward_modules=[...] (a subset of target_modules, [] for none)")
@@ -187,7 +199,7 @@ def ia3_layer_for(module: nn.Module, config: IA3Config):
     return IA3Linear if isinstance(module, nn.Linear) else None
 
 
-register_method(MethodSpec("IA3", IA3Config, ia3_layer_for, "ia3_", "ia3"))
+register_method(MethodSpec("IA3", IA3Config, ia3_layer_for, "ia3_", DEFAULT_TARGETS))
 
 
 register_preset(Preset("ia3", 3e-2, lambda k: IA3Config(task_type=k.task_type, target_modules=k.target_modules), ""))

@@ -56,6 +56,11 @@ class IDPGConfig(PromptLearningConfig):
     multi_layer: bool = False  # M-IDPG: a prompt for every block (shared generator, a bias per block)
     learn_encoder_prompt: bool = False
 
+    def describe(self) -> str:
+        encoder = "the model itself" if self.sentence_encoder == SELF else self.sentence_encoder
+        prompt = " with a learned encoder prompt" if self.learn_encoder_prompt else ""
+        return f"{self.num_virtual_tokens} virtual tokens, sentence encoder: {encoder}{prompt}"
+
     def validate(self) -> None:
         super().validate()
         if self.generator_hidden_size <= 0:
@@ -129,6 +134,7 @@ class InstancePrompts(VirtualInput):
 
     kind = TOKENS
     per_instance = True  # generate() computes the prompt once from the input, not from the tokens it adds
+    shallow_option = "multi_layer=False"
 
     def __init__(self, model: nn.Module, config: IDPGConfig, encoder: nn.Module | None, encoder_dim: int) -> None:
         super().__init__()
@@ -282,7 +288,7 @@ def build_idpg(model: nn.Module, config: IDPGConfig) -> InstancePrompts:
     return InstancePrompts(model, config, encoder, encoder_dim).train(model.training)
 
 
-register_method(MethodSpec("IDPG", IDPGConfig, None, "prompt_", "", build_virtual=build_idpg))
+register_method(MethodSpec("IDPG", IDPGConfig, None, "prompt_", build_virtual=build_idpg))
 
 
 def _idpg(knobs: Knobs, learn_encoder_prompt: bool = False) -> IDPGConfig:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..compat import is_conv1d
 from ..engine.layers import AdapterLayer, out_features
 from ..registry import MethodSpec, Preset, register_method, register_preset
+from .lora import DEFAULT_TARGETS as LORA_TARGETS
 from .lycoris import LycorisConfig, module_dropped, rank_keep
 
 __all__ = ["LoHaConfig"]
@@ -69,7 +70,7 @@ def loha_layer_for(module: nn.Module, config: LoHaConfig):
     return LoHaLinear if isinstance(module, nn.Linear) or is_conv1d(module) else None
 
 
-register_method(MethodSpec("LOHA", LoHaConfig, loha_layer_for, "hada_", "lora"))
+register_method(MethodSpec("LOHA", LoHaConfig, loha_layer_for, "hada_", LORA_TARGETS))
 
 
 register_preset(Preset("loha", 1e-2, lambda k: LoHaConfig(

@@ -24,6 +24,7 @@ from ..compat import is_conv1d
 from ..engine.layers import AdapterLayer, out_features
 from ..engine.targeting import TargetError
 from ..registry import MethodSpec, Preset, register_method, register_preset
+from .lora import DEFAULT_TARGETS as LORA_TARGETS
 from .lycoris import LycorisConfig, module_dropped, rank_keep
 
 __all__ = ["LoKrConfig"]
@@ -136,7 +137,7 @@ def lokr_layer_for(module: nn.Module, config: LoKrConfig):
     return LoKrLinear if isinstance(module, nn.Linear) or is_conv1d(module) else None
 
 
-register_method(MethodSpec("LOKR", LoKrConfig, lokr_layer_for, "lokr_", "lora"))
+register_method(MethodSpec("LOKR", LoKrConfig, lokr_layer_for, "lokr_", LORA_TARGETS))
 
 
 register_preset(Preset("lokr", 1e-2, lambda k: LoKrConfig(

@@ -20,6 +20,16 @@ from ..registry import MethodSpec, PeftType, Preset, register_method, register_p
 
 __all__ = ["LoraConfig"]
 
+# model_type -> the modules LoRA adapts when target_modules is not given: the attention's query and value
+# projections, as in the LoRA paper (HF PEFT's defaults). LoHa, LoKr and OFT default to the same.
+DEFAULT_TARGETS = {
+    "bert": ("query", "value"), "roberta": ("query", "value"), "deberta": ("in_proj",),
+    "deberta-v2": ("query_proj", "value_proj"), "gpt2": ("c_attn",), "bloom": ("query_key_value",),
+    "opt": ("q_proj", "v_proj"), "gpt_neo": ("q_proj", "v_proj"), "gptj": ("q_proj", "v_proj"), "t5": ("q", "v"),
+    "bart": ("q_proj", "v_proj"), "llama": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "mistral": ("q_proj", "v_proj"),
+}
+
 # Hugging Face PEFT LoRA fields we do not implement; accepted while neutral (see PeftConfig.from_dict).
 _PEFT_ONLY_FIELDS = {
     "megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
@@ -249,9 +259,6 @@ def lora_layer_for(module: nn.Module, config: LoraConfig):
     return None
 
 
-register_method(MethodSpec(peft_type="LORA", config_cls=LoraConfig, layer_for=lora_layer_for, prefix="lora_", site_key="lora"))
-
-
 def _union_targets(configs: list[LoraConfig]):
     targets = [c.target_modules for c in configs]
     if all(isinstance(t, (list, tuple)) for t in targets):
@@ -321,6 +328,8 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
                 offset += A.shape[0]
 
 
+register_method(MethodSpec("LORA", LoraConfig, lora_layer_for, "lora_", DEFAULT_TARGETS,
+                           add_weighted_adapter=add_weighted_adapter))
 register_preset(Preset("lora", 1e-3, lambda k: LoraConfig(
     task_type=k.task_type, r=k.r, lora_alpha=k.alpha, lora_dropout=k.dropout, target_modules=k.target_modules), ""))
 register_preset(Preset("dora", 3e-3, lambda k: LoraConfig(

@@ -33,6 +33,7 @@ from ..compat import is_conv1d
 from ..engine.layers import AdapterLayer, innermost
 from ..engine.targeting import TargetError
 from ..registry import MethodSpec, Preset, register_method, register_preset
+from .lora import DEFAULT_TARGETS as LORA_TARGETS
 
 __all__ = ["OFTConfig"]
 
@@ -166,7 +167,7 @@ def oft_layer_for(module: nn.Module, config: OFTConfig):
     return OFTLinear if isinstance(module, nn.Linear) or is_conv1d(module) else None
 
 
-register_method(MethodSpec("OFT", OFTConfig, oft_layer_for, "oft_", "lora"))
+register_method(MethodSpec("OFT", OFTConfig, oft_layer_for, "oft_", LORA_TARGETS))
 
 
 # HF PEFT's default: blocks of 32 (MiniLM's 384 features make 12 rotations per layer); --r is not read

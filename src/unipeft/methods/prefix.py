@@ -188,7 +188,7 @@ def build_prefix(model: nn.Module, config: PrefixTuningConfig) -> PrefixKeysValu
     return PrefixKeysValues(config, site_layers)
 
 
-register_method(MethodSpec("PREFIX_TUNING", PrefixTuningConfig, None, "prompt_", "", build_virtual=build_prefix))
+register_method(MethodSpec("PREFIX_TUNING", PrefixTuningConfig, None, "prompt_", build_virtual=build_prefix))
 
 
 register_preset(Preset("prefix", 1e-1, lambda k: PrefixTuningConfig(

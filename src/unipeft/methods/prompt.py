@@ -66,6 +66,9 @@ class PromptLearningConfig(PeftConfig):
     def is_prompt_learning(self) -> bool:
         return True
 
+    def describe(self) -> str:
+        return f"{self.num_virtual_tokens} virtual tokens"
+
     def model_sizes(self, model: nn.Module) -> dict:
         mc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         return {
@@ -260,8 +263,8 @@ def build_p_tuning(model: nn.Module, config: PromptEncoderConfig) -> PromptToken
     return PromptTokens(config.num_virtual_tokens, rows, dim, None if config.inference_mode else encoder)
 
 
-register_method(MethodSpec("PROMPT_TUNING", PromptTuningConfig, None, "prompt_", "", build_virtual=build_prompt_tuning))
-register_method(MethodSpec("P_TUNING", PromptEncoderConfig, None, "prompt_", "", build_virtual=build_p_tuning))
+register_method(MethodSpec("PROMPT_TUNING", PromptTuningConfig, None, "prompt_", build_virtual=build_prompt_tuning))
+register_method(MethodSpec("P_TUNING", PromptEncoderConfig, None, "prompt_", build_virtual=build_p_tuning))
 
 
 # Prompt methods move a few vectors a long way: they need a far larger step than weight-level methods.

@@ -19,7 +19,7 @@ at 1e-3 and the prefix as the paper does; prefix_lr_scale=1.0 restores the origi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Optional, Union
+from typing import TYPE_CHECKING, ClassVar, Literal, Optional, Union
 
 from ..config import ConfigError, PeftConfig
 from ..engine.sites import block_paths, block_sites_of, resolve_in_block
@@ -48,6 +48,7 @@ AXES = ("attn_mode", "attn_option", "attn_composition", "attn_bn", "ffn_mode", "
 
 @dataclass
 class UnifiedConfig(PeftConfig):
+    AXES: ClassVar[tuple[str, ...]] = AXES
     peft_type: Optional[str] = "UNIFIED"
     attn_mode: Literal["none", "prefix", "prefix_nomlp", "lora", "adapter", "prompt_tuning", "bitfit"] = "none"
     attn_option: Optional[Literal["none", "concat", "cross_attn", "cross_attn_noln", "cross_attn_relu", "parallel",
@@ -69,6 +70,10 @@ class UnifiedConfig(PeftConfig):
     lora_init: Literal["lora", "bert"] = "lora"  # "bert": both LoRA factors random (B not zero)
     layers_to_transform: Optional[Union[list[int], int]] = None
     modules_to_save: Optional[list[str]] = None
+
+    def describe(self) -> str:
+        return ", ".join(f"{axis}={getattr(self, axis)}" for axis in ("attn_mode", "attn_option", "attn_bn", "ffn_mode",
+                                                                        "ffn_option", "ffn_bn"))
 
     def validate(self) -> None:
         super().validate()
@@ -189,7 +194,7 @@ class MAMConfig(UnifiedConfig):
         return cls(**{"attn_bn": 16, "ffn_bn": 64, "mid_dim": 256, **overrides})
 
 
-register_method(MethodSpec("UNIFIED", UnifiedConfig, None, "", "", components=components))
+register_method(MethodSpec("UNIFIED", UnifiedConfig, None, "", components=components))
 
 
 def _axes(knobs: Knobs) -> dict:

@@ -208,27 +208,6 @@ def _check_sentence_encoder(options: TrainOptions, method_config, tokenizer) -> 
                          f"{options.max_length}" + (f" plus {extra} encoder-prompt tokens" if extra else ""))
 
 
-def _describe(attached) -> str:
-    """What the adapter is attached to, for the log: target modules or virtual tokens (and IDPG's encoder)."""
-    if getattr(attached, "attn_mode", None):  # a point of the design space
-        return ", ".join(f"{axis}={getattr(attached, axis)}" for axis in ("attn_mode", "attn_option", "attn_bn",
-                                                                          "ffn_mode", "ffn_option", "ffn_bn"))
-    if getattr(attached, "sites", None):  # a bottleneck adapter: its sites, not every wrapped projection
-        return f"{attached.adapter_option} adapter at {' and '.join(attached.sites)}, bottleneck {attached.bottleneck_size}"
-    if getattr(attached, "bias_groups", None):
-        return f"biases of {attached.bias_groups} ({len(attached.target_modules)} modules)"
-    targets = getattr(attached, "target_modules", None)
-    if targets:
-        return f"target modules: {targets if isinstance(targets, str) else ', '.join(sorted(targets))}"
-    where = f"{attached.num_virtual_tokens} virtual tokens"
-    encoder = getattr(attached, "sentence_encoder", None)
-    if encoder is not None:
-        where += f", sentence encoder: {'the model itself' if encoder == 'self' else encoder}"
-        if getattr(attached, "learn_encoder_prompt", False):
-            where += " with a learned encoder prompt"
-    return where
-
-
 def _attach_adapter(model, config):
     from ..config import ConfigError
     from ..engine.targeting import TargetError
@@ -370,7 +349,7 @@ def run(options: TrainOptions, log: Callable[[str], None] = print) -> dict:
         peft_model = _attach_adapter(model, config)
         trainable, total = peft_model.get_nb_trainable_parameters()
         attached = peft_model.active_peft_config  # the family's default targets and the task head filled in
-        log(f"method: {method} ({_describe(attached)}; trained and saved head: "
+        log(f"method: {method} ({attached.describe()}; trained and saved head: "
             f"{', '.join(attached.modules_to_save or []) or 'none'})")
     log(f"trainable params: {trainable:,d} of {total:,d} ({100 * trainable / total:.4f}%)")
 
