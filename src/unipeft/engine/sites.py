@@ -120,18 +120,28 @@ def task_heads(model, task_type) -> tuple[str, ...]:
     return ()
 
 
-def block_paths(model) -> list[str]:
-    """Paths of every transformer block (all stacks: encoder and decoder), in model order."""
+def block_container_names(model) -> tuple[str, ...]:
+    """The name of the ModuleList that holds the model's transformer blocks (the usual names, unknown families)."""
+    family = family_of(model)
+    return (family.layers,) if family else DEFAULT_LAYER_PATTERNS
+
+
+def block_stacks(model, root=None) -> list[tuple[str, Any]]:
+    """(path, ModuleList) of every stack of transformer blocks under `root` (default: the whole model; encoder
+    and decoder are two stacks), in model order; paths are relative to `root`."""
     import torch.nn as nn
 
-    family = family_of(model)
-    names = (family.layers,) if family else DEFAULT_LAYER_PATTERNS
-    for name in names:
-        stacks = [path for path, module in model.named_modules()
+    for name in block_container_names(model):
+        stacks = [(path, module) for path, module in (root if root is not None else model).named_modules()
                   if isinstance(module, nn.ModuleList) and path.split(".")[-1] == name and "base_layer" not in path]
         if stacks:
-            return [f"{stack}.{i}" for stack in stacks for i in range(len(model.get_submodule(stack)))]
+            return stacks
     return []
+
+
+def block_paths(model) -> list[str]:
+    """Paths of every transformer block (all stacks: encoder and decoder), in model order."""
+    return [f"{path}.{i}" for path, stack in block_stacks(model) for i in range(len(stack))]
 
 
 def resolve_in_block(model, block_path: str, relative: str) -> str:

@@ -431,15 +431,13 @@ def _take_cache(module: nn.Module, kwargs: dict) -> tuple[str | None, Any]:
 
 def blocks_of(model: nn.Module, body: nn.Module) -> nn.ModuleList:
     """The transformer blocks inside `body` (the encoder for seq2seq), found by the family's container name."""
-    from .sites import DEFAULT_LAYER_PATTERNS, family_of
+    from .sites import block_container_names, block_stacks
 
-    family = family_of(model)
-    names = (family.layers,) if family else DEFAULT_LAYER_PATTERNS
-    for name in names:
-        for path, module in body.named_modules():
-            if isinstance(module, nn.ModuleList) and path.split(".")[-1] == name:
-                return module
-    raise AdapterError(f"cannot find the transformer blocks of {type(body).__name__} (looked for {', '.join(names)})")
+    stacks = block_stacks(model, body)
+    if not stacks:
+        raise AdapterError(f"cannot find the transformer blocks of {type(body).__name__} (looked for "
+                           f"{', '.join(block_container_names(model))})")
+    return stacks[0][1]
 
 
 def _sequence_length(kwargs: dict) -> int | None:
