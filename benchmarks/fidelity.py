@@ -325,7 +325,7 @@ def main() -> None:
         return lib, method if lib == "unipeft" else REFERENCE_OF.get(method, method), seed
 
     wanted = {key_of(*triple): triple[0] for triple in triples}
-    todo = sorted((key for key in wanted if key not in finished), key=lambda key: key[0] != "unipeft")  # ours first
+    todo = [key for key in wanted if key not in finished]  # both libraries' runs of a method and seed together
     print(f"{len(wanted) - len(todo)} of {len(wanted)} runs already in {cache}; {len(todo)} to go", flush=True)
     if args.report_only:
         todo = []
