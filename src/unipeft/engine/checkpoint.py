@@ -37,13 +37,18 @@ def _temp_path(final_path: str) -> str:
     return tmp
 
 
+def write_synced(path: str, data: bytes) -> None:
+    """Write `data` to `path` and wait until it is on disk (the rename that publishes it comes after)."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def _write_temp(final_path: str, data: bytes) -> str:
     tmp = _temp_path(final_path)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write_synced(tmp, data)
     except BaseException:
         os.unlink(tmp)
         raise

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load as safetensors_load
 
+from ..engine.checkpoint import write_synced
 from ..engine.sharding import shape
 from .errors import UsageError
 
@@ -106,10 +107,7 @@ def write_checkpoint(run_dir: str, files: dict[str, bytes]) -> None:
     tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir)
     try:
         for name, data in files.items():
-            with open(os.path.join(tmp, name), "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            write_synced(os.path.join(tmp, name), data)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
