@@ -38,3 +38,15 @@ def test_every_preset_attaches_and_describes_where(name):
 
 def test_full_fine_tuning_builds_no_adapter():
     assert method_presets()["full"].build(Knobs()) is None and list(method_presets())[0] == "full"
+
+
+def test_preset_order_is_the_registry_order_whatever_was_imported_first():
+    """The README's option rows list the presets in order: importing a method module early must not move it."""
+    import subprocess
+    import sys
+
+    code = ("import unipeft.methods.ia3, unipeft.methods.adalora; from unipeft.registry import presets; "
+            "print(','.join(presets()))")
+    early = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert early.split(",") == [name for name in method_presets() if name != "full"]
+    assert early.split(",").index("ia3") > early.split(",").index("lora")

@@ -122,9 +122,11 @@ def method_modules() -> list[Any]:
 
 
 def presets() -> dict[str, Preset]:
-    """Every `unipeft train --method` preset, in the order of `METHOD_MODULES`."""
-    method_modules()
-    return dict(_PRESETS)
+    """Every `unipeft train --method` preset, in the order of `METHOD_MODULES` (whatever order the modules
+    were imported in), then each module's own order."""
+    order = [module.__name__ for module in method_modules()]
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(_PRESETS.items(), key=lambda item: rank.get(item[1].build.__module__, len(order))))
 
 
 def exports() -> dict[str, str]:
