@@ -50,3 +50,11 @@ def test_preset_order_is_the_registry_order_whatever_was_imported_first():
     early = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert early.split(",") == [name for name in method_presets() if name != "full"]
     assert early.split(",").index("ia3") > early.split(",").index("lora")
+
+
+def test_design_space_presets_refuse_an_unknown_axis_by_name():
+    from unipeft import ConfigError
+
+    for name in ("mam", "unified"):
+        with pytest.raises(ConfigError, match=r"unknown design-space axes \['attn_size'\]; the axes are attn_mode"):
+            method_presets()[name].build(Knobs(task_type="SEQ_CLS", axes={"attn_mode": "lora", "attn_size": 4}))
