@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import families as F
 import unipeft
-from test_block_adapters import randomize, run
+from adapter_checks import randomize, run
 
 
 def peft_base(model: torch.nn.Module) -> torch.nn.Module:

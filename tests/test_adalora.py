@@ -1,6 +1,6 @@
 """AdaLoRA: HF PEFT interop both ways, the rank schedule step for step against PEFT's, the budget reaching
 target_r with masked ranks staying zero, rank_pattern save/reload (pruned files, both libraries), the
-Trainer callback, merge / unmerge, counts, bad input. Section-4 properties run in tests/test_block_adapters.py."""
+Trainer callback, counts, bad input. Section-4 properties run in tests/test_properties.py."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import families as F
 from peft_interop import assert_both_ways
-from test_block_adapters import assert_merge_round_trip, randomize, run
+from adapter_checks import randomize, run
 from unipeft import AdaLoraCallback, AdaLoraConfig, AdapterError, ConfigError, PeftModel, get_peft_model
 from unipeft.methods import adalora
 
@@ -171,12 +171,6 @@ def test_orthogonal_penalty_is_added_to_the_loss():
         grams += [A @ A.T, B.T @ B]
     penalty = torch.stack([torch.linalg.norm(g - torch.eye(g.shape[0]), "fro") for g in grams]).mean()
     torch.testing.assert_close(with_penalty - plain, 0.3 * penalty, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("family,task", CELLS)
-def test_merge_unmerge_and_unload(family, task):
-    peft_model = randomize(get_peft_model(F.make_model(family, task), config(task)))
-    assert_merge_round_trip(peft_model, F.make_batch(family, task))
 
 
 @pytest.mark.parametrize("name,make", [("bert-base", T.BertConfig), ("gpt2", T.GPT2Config)])

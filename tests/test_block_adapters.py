@@ -1,5 +1,7 @@
 """Bottleneck adapters (Houlsby, Pfeiffer, parallel, scaled parallel) and points of the unified design space
-(MAM, LoRA + adapter unions) pass the DESIGN.md section-4 properties on every (family, task) cell.
+(MAM, LoRA + adapter unions): where each form reads and writes, presets as points of the design space,
+composition, gradient checkpointing, counts at full size, bad input. The section-4 properties of every method
+run in tests/test_properties.py.
 
 Oracles from outside the code under test: the untouched base model, hand formulas, and the base model with
 its own weights edited by hand (a sequential adapter whose ReLU never clips is a linear map, so it equals a
@@ -10,221 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 from transformers.pytorch_utils import Conv1D
 
 import families as F
-import unipeft
-from test_lora_properties import covers, loss_of, rows, train
-from test_prompt_properties import NO_CACHE, greedy_by_forward
+from adapter_checks import is_adapter_param, loss_of, randomize, run
+from capabilities import R, make
 from unipeft import (
-    AdapterError, BitFitConfig, ConfigError, HoulsbyConfig, IA3Config, LoHaConfig, LoraConfig, ParallelAdapterConfig, PeftModel, PfeifferConfig,
-    ScaledParallelAdapterConfig, get_peft_model,
+    ConfigError, HoulsbyConfig, ParallelAdapterConfig, PfeifferConfig, ScaledParallelAdapterConfig, get_peft_model,
 )
 from unipeft.methods.unified import MAMConfig, UnifiedConfig
-
-R = 8  # bottleneck
-METHODS = {
-    "houlsby": lambda task: HoulsbyConfig(task_type=task, bottleneck_size=R),
-    "pfeiffer": lambda task: PfeifferConfig(task_type=task, bottleneck_size=R, layernorm_option="in"),
-    "parallel": lambda task: ParallelAdapterConfig(task_type=task, bottleneck_size=R),
-    "scaled_parallel": lambda task: ScaledParallelAdapterConfig(task_type=task, bottleneck_size=R, scalar="learnable_scalar"),
-    "mam": lambda task: MAMConfig(task_type=task, attn_bn=3, ffn_bn=R, mid_dim=8),
-    "lora+pfeiffer": lambda task: UnifiedConfig(task_type=task, attn_mode="lora", attn_bn=R, ffn_mode="adapter",
-                                                ffn_option="pfeiffer", ffn_bn=R, ffn_adapter_layernorm_option="in"),
-    "adapter+lora": lambda task: UnifiedConfig(task_type=task, attn_mode="adapter", attn_option="parallel", attn_bn=R,
-                                               ffn_mode="lora", ffn_bn=R),
-    "cross_attn": lambda task: UnifiedConfig(task_type=task, attn_mode="prefix", attn_option="cross_attn", attn_bn=3,
-                                             mid_dim=8, ffn_mode="adapter", ffn_option="sequential", ffn_bn=R),
-    "dora": lambda task: LoraConfig(task_type=task, r=R, lora_alpha=2 * R, use_dora=True),
-    "loha": lambda task: LoHaConfig(task_type=task, r=R, alpha=2 * R),
-    "lokr": lambda task: unipeft.LoKrConfig(task_type=task, r=R, alpha=2 * R),
-    "oft": lambda task: unipeft.OFTConfig(task_type=task, r=0, oft_block_size=4),
-    # the feature-extraction loss reads the last hidden state only, which BERT's pooler (in RoBERTa's
-    # default AdaLoRA targets, "dense") does not reach
-    "adalora": lambda task: unipeft.AdaLoraConfig(task_type=task, init_r=R, target_r=R // 2, total_step=100,
-                                                  exclude_modules=["pooler.dense"]),
-    "ia3": lambda task: IA3Config(task_type=task),
-    "bitfit": lambda task: BitFitConfig(task_type=task, exclude_modules=["pooler.dense"]),
-}
-PROMPT_PART = {"mam"}  # holds a prefix: needs a cache-reading attention, cannot mix batches
-IDENTITY_AT_INIT = {"houlsby", "pfeiffer", "parallel", "scaled_parallel", "lora+pfeiffer", "adapter+lora", "dora", "loha",
-                    "lokr", "oft", "adalora", "ia3", "bitfit"}
-MERGEABLE = {"dora", "loha", "lokr", "oft", "adalora", "ia3", "bitfit"}  # merged exactly: tests/test_dora.py, test_loha.py, test_ia3.py, ...
-NO_BIAS = {"t5", "llama", "mistral"}  # BitFit has nothing to train there (tests/test_bitfit.py checks the error)
-
-
-def cells(methods=tuple(METHODS), tasks=None):
-    return [pytest.param(m, f, t, id=f"{m}-{f}-{t}") for m in methods for f, t in F.MATRIX
-            if (tasks is None or t in tasks) and not (m in PROMPT_PART and f in NO_CACHE)
-            and not (m == "bitfit" and f in NO_BIAS)]
-
-
-ALL = cells()
-
-
-def run(model, batch, **kwargs) -> torch.Tensor:
-    keep_labels = model.config.is_encoder_decoder and "decoder_input_ids" not in batch
-    with torch.no_grad():
-        return F.output_tensor(model(**{k: v for k, v in batch.items() if k != "labels" or keep_labels}, **kwargs))
-
-
-def is_adapter_param(name: str) -> bool:
-    return any(part in name for part in (".adapter_", ".lora_", ".hada_", ".lokr_", ".oft_", ".bitfit_", ".ia3_", ".prefix_norm.", ".prompt_encoder.",
-                                         ".modules_to_save."))
-
-
-def assert_merge_round_trip(peft_model, batch: dict) -> None:
-    """Merged = unmerged outputs (fp32 1e-5), unmerge restores every base tensor, merge_and_unload agrees."""
-    before = {n: p.detach().clone() for n, p in peft_model.get_base_model().named_parameters() if not is_adapter_param(n)}
-    expected = run(peft_model, batch)
-    peft_model.merge_adapter()
-    torch.testing.assert_close(run(peft_model, batch), expected, rtol=1e-5, atol=1e-5)
-    peft_model.unmerge_adapter()
-    after = dict(peft_model.get_base_model().named_parameters())
-    for name, value in before.items():
-        torch.testing.assert_close(after[name], value, rtol=0, atol=1e-6)
-    torch.testing.assert_close(run(peft_model.merge_and_unload(), batch), expected, rtol=1e-5, atol=1e-5)
-
-
-def randomize(peft, name="default", seed=100):
-    """Move every adapter tensor away from its init (and each head copy too), so each check sees a real change."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in peft.named_parameters():
-            if is_adapter_param(pname) and (f".{name}." in pname or pname.endswith(f".{name}")):
-                p.add_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return peft
-
-
-def make(method, family, task, seed=0, name="default"):
-    torch.manual_seed(seed)
-    return randomize(get_peft_model(F.make_model(family, task), METHODS[method](task), adapter_name=name), name, 100 + seed)
-
-
-# ---- 1-4: training, identity, save/load ---------------------------------------------------------------
-@covers(1)
-@pytest.mark.parametrize("method,family,task", ALL)
-def test_only_adapter_trains_and_base_is_bit_identical(method, family, task):
-    peft = get_peft_model(F.make_model(family, task), METHODS[method](task))
-    trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
-    assert trainable and all(is_adapter_param(n) for n in trainable)
-    frozen = {n: p.detach().clone() for n, p in peft.named_parameters() if not p.requires_grad}
-    initial = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
-    peft.train()
-    train(peft, task, F.make_batch(family, task), steps=3)
-    assert all(torch.equal(p, frozen[n]) for n, p in peft.named_parameters() if n in frozen)
-    unchanged = [n for n, p in peft.named_parameters() if n in initial and torch.equal(p, initial[n])]
-    assert not unchanged, f"adapter tensors that did not train: {unchanged[:3]}"
-
-
-@covers(2)
-@pytest.mark.parametrize("method,family,task", cells(sorted(IDENTITY_AT_INIT)))
-def test_identity_at_init(method, family, task):
-    batch = F.make_batch(family, task)
-    base = run(F.make_model(family, task), batch)
-    peft = get_peft_model(F.make_model(family, task), METHODS[method](task))
-    heads = [m for _, m in peft.named_modules() if hasattr(m, "modules_to_save")]
-    torch.testing.assert_close(run(peft, batch), base, rtol=0, atol=0 if not heads else 1e-6)
-
-
-@covers(3)
-@pytest.mark.parametrize("method,family,task", ALL)
-def test_training_reduces_loss(method, family, task):
-    peft = get_peft_model(F.make_model(family, task), METHODS[method](task))
-    losses = train(peft, task, F.make_batch(family, task), steps=5)
-    assert losses[-1] < losses[0]
-
-
-@covers(4)
-@pytest.mark.parametrize("method,family,task", ALL)
-def test_save_load_round_trip(method, family, task, tmp_path):
-    peft = make(method, family, task)
-    batch = F.make_batch(family, task)
-    expected = run(peft, batch)
-    peft.save_pretrained(tmp_path)
-    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
-    heads = [n.removeprefix("base_model.model.") for n, m in peft.named_modules() if hasattr(m, "modules_to_save")]
-    base_keys = {k for k in F.make_model(family, task).state_dict() if not any(k.startswith(h + ".") for h in heads)}
-    assert keys and not any(k.removeprefix("base_model.model.") in base_keys for k in keys), "base tensors saved"
-    for name in ("default", "other"):
-        loaded = PeftModel.from_pretrained(F.make_model(family, task), tmp_path, adapter_name=name)
-        torch.testing.assert_close(run(loaded, batch), expected, rtol=0, atol=1e-6)
-
-
-# ---- 5-8: merge refusal, disable, two adapters, mixed batches ------------------------------------------
-@covers(5)
-@pytest.mark.parametrize("method,family,task", cells([m for m in METHODS if m not in MERGEABLE]))
-def test_merge_is_refused_clearly_and_changes_nothing(method, family, task):
-    peft = make(method, family, task)
-    batch = F.make_batch(family, task)
-    before = run(peft, batch)
-    with pytest.raises(AdapterError, match="not a change of the weights; nothing was merged|prompt-based"):
-        peft.merge_and_unload()
-    torch.testing.assert_close(run(peft, batch), before, rtol=0, atol=0)
-
-
-@covers(6)
-@pytest.mark.parametrize("method,family,task", ALL)
-def test_disable_gives_base_output(method, family, task):
-    peft = make(method, family, task)
-    batch = F.make_batch(family, task)
-    base = run(F.make_model(family, task), batch)
-    adapted = run(peft, batch)
-    assert adapted.shape != base.shape or not torch.allclose(adapted, base, atol=1e-4)
-    with peft.disable_adapter():
-        torch.testing.assert_close(run(peft, batch), base, rtol=0, atol=0)
-    torch.testing.assert_close(run(peft, batch), adapted, rtol=0, atol=0)
-
-
-@covers(7)
-@pytest.mark.parametrize("method,family,task", ALL)
-def test_two_adapters_switch_and_delete(method, family, task, tmp_path):
-    second = make(method, family, task, seed=1)
-    second.save_pretrained(tmp_path)
-    batch = F.make_batch(family, task)
-    both = make(method, family, task, seed=0)
-    expected = {"default": run(both, batch), "second": run(second, batch)}
-    both.load_adapter(tmp_path, adapter_name="second")
-    for name in ("second", "default", "second"):
-        both.set_adapter(name)
-        torch.testing.assert_close(run(both, batch), expected[name], rtol=0, atol=1e-6)
-    both.delete_adapter("second")
-    torch.testing.assert_close(run(both, batch), expected["default"], rtol=0, atol=1e-6)
-    both.delete_adapter("default")  # nothing of the adapters is left: no wrappers, no hooks
-    model = both.get_base_model()
-    assert not any(type(m).__module__.startswith("unipeft") for m in model.modules())
-    assert not any(m._forward_pre_hooks for m in model.modules())
-    torch.testing.assert_close(run(both, batch), run(F.make_model(family, task), batch), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("family", ("gpt2", "bert", "t5"))
-def test_mam_refuses_a_mixed_batch_clearly(family):
-    """Its prefix changes the attention's key length, which rows of one batch cannot differ in."""
-    task = F.tasks_of(family)[-1]
-    peft = make("mam", family, task)
-    peft.add_adapter("second", METHODS["mam"](task))
-    with pytest.raises(AdapterError, match="cannot be mixed in one batch"):
-        run(peft, F.make_batch(family, task), adapter_names=["default", "__base__", "second"])
-
-
-@covers(8)
-@pytest.mark.parametrize("method,family,task", cells([m for m in METHODS if m not in PROMPT_PART]))
-def test_mixed_batch_equals_rows_alone(method, family, task):
-    peft = make(method, family, task)
-    peft.add_adapter("second", METHODS[method](task))
-    randomize(peft, "second", seed=7)
-    batch = F.make_batch(family, task)
-    names = ["default", "__base__", "second"]
-    mixed = run(peft, batch, adapter_names=names)
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with peft.disable_adapter():
-                alone = run(peft, rows(batch, i))
-        else:
-            peft.set_adapter(name)
-            alone = run(peft, rows(batch, i))
-        torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ("parallel", "pfeiffer", "cross_attn"))
@@ -245,42 +41,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(method, family):
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@covers(9)
-@pytest.mark.parametrize("method,family,task", cells(tasks=("CAUSAL_LM", "SEQ_2_SEQ_LM")))
-def test_generate_greedy_and_beam_with_and_without_cache(method, family, task):
-    peft = make(method, family, task)
-    ids = F.make_batch(family, task, batch=2, length=5)["input_ids"]
-    encoder_decoder = task == "SEQ_2_SEQ_LM"
-    expected = greedy_by_forward(peft, ids, 4, encoder_decoder)
-    peft.get_base_model().generation_config.eos_token_id = None
-    peft.get_base_model().generation_config.forced_eos_token_id = None
-    common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4)
-    for use_cache in (True, False):
-        assert torch.equal(peft.generate(**common, do_sample=False, use_cache=use_cache), expected)
-    beams = [peft.generate(**common, num_beams=2, do_sample=False, use_cache=c) for c in (True, False)]
-    assert torch.equal(beams[0], beams[1])
-    if not encoder_decoder:
-        assert beams[0].shape == (2, 9) and torch.equal(beams[0][:, :5], ids)
-
-
-@covers(10)
-@pytest.mark.parametrize("method,family,task", ALL)
-def test_bf16_forward_backward_finite(method, family, task):
-    peft = get_peft_model(F.make_model(family, task).to(torch.bfloat16), METHODS[method](task))
-    adapter = [p for n, p in peft.named_parameters() if p.requires_grad]
-    assert {p.dtype for p in adapter} == {torch.bfloat16}
-    loss = loss_of(peft(**F.make_batch(family, task)) if task != "FEATURE_EXTRACTION"
-                   else peft(**{k: v for k, v in F.make_batch(family, task).items() if k != "labels"}), task)
-    loss.float().backward()
-    assert torch.isfinite(loss) and all(p.grad is not None and torch.isfinite(p.grad).all() for p in adapter)
-
-
 # ---- 11: counts ---------------------------------------------------------------------------------------
 def bottleneck_numel(d: int, r: int, norm: bool = False, learned_scale: bool = False) -> int:
     return 2 * d * r + r + d + (2 * d if norm else 0) + (1 if learned_scale else 0)
 
 
-@covers(11)
 @pytest.mark.parametrize("name,make_model", [("bert-base", "bert"), ("gpt2", "gpt2")])
 def test_counts_on_full_size_configs(name, make_model):
     import transformers as T
@@ -536,10 +301,3 @@ def test_unknown_family_is_refused_clearly():
                                                     num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
     with pytest.raises(ConfigError, match="block sites .* of model_type .electra., which are not known"):
         get_peft_model(model, HoulsbyConfig(bottleneck_size=R))
-
-
-def test_readme_block_matrix_is_current():
-    import support_matrix
-
-    assert support_matrix.readme_block((support_matrix.BLOCK_START, support_matrix.BLOCK_END)) == \
-        support_matrix.render_block_methods(), "README block-method matrix is stale: run `python tests/support_matrix.py --write`"

@@ -1,5 +1,5 @@
-"""DoRA (`LoraConfig(use_dora=True)`): HF PEFT interop both ways, merge / unmerge, the norm without B·A,
-counts, and bad input. The section-4 properties on every cell run in tests/test_block_adapters.py."""
+"""DoRA (`LoraConfig(use_dora=True)`): HF PEFT interop both ways, the norm without B·A,
+counts, and bad input. The section-4 properties on every cell run in tests/test_properties.py."""
 from __future__ import annotations
 
 import peft
@@ -8,7 +8,7 @@ import torch
 import transformers as T
 
 import families as F
-from test_block_adapters import assert_merge_round_trip, randomize, run
+from adapter_checks import randomize, run
 from unipeft import ConfigError, LoraConfig, PeftModel, TargetError, get_peft_model
 from unipeft.methods.dora import row_norms
 
@@ -58,13 +58,6 @@ def test_row_norms_equal_the_norms_of_the_formed_weight():
     weight, A, B = torch.randn(48, 32), torch.randn(4, 32), torch.randn(48, 4)
     expected = torch.linalg.vector_norm(weight + 0.5 * (B @ A), dim=1)
     torch.testing.assert_close(row_norms(weight, A, B, 0.5), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("family,task", CELLS)
-def test_merge_unmerge_and_unload(family, task):
-    peft_model = randomize(get_peft_model(F.make_model(family, task), config(task)))
-    batch = F.make_batch(family, task)
-    assert_merge_round_trip(peft_model, batch)
 
 
 @pytest.mark.parametrize("name,make", [("bert-base", T.BertConfig), ("gpt2", T.GPT2Config)])

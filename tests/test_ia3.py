@@ -22,7 +22,6 @@ import unipeft
 from unipeft import AdapterError, ConfigError, IA3Config, PeftModel, TargetError, get_peft_model
 
 ATOL = 1e-5
-BASE = "__base__"
 LIBS = {"unipeft": unipeft, "peft": peft}
 pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False:UserWarning",
                                         "ignore:Unmerge result can be inaccurate:UserWarning")
@@ -144,13 +143,6 @@ def test_two_active_adapters_multiply_like_peft_and_merge(family):
 CELLS = [pytest.param(f, t, id=f"{f}-{t}") for f, t in F.MATRIX]
 
 
-def loss_of(out, task: str) -> torch.Tensor:
-    if task == "FEATURE_EXTRACTION":  # pull the hidden state towards a fixed random target
-        target = torch.randn(out.last_hidden_state.shape, generator=torch.Generator().manual_seed(7))
-        return nn.functional.mse_loss(out.last_hidden_state, target)
-    return out.loss
-
-
 def expected_trainable(model: nn.Module, task: str) -> set[str]:
     """ia3_l of each default target (HF PEFT's table, matched by suffix) and the task head copies."""
     targets = peft.utils.constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[model.config.model_type]
@@ -163,90 +155,31 @@ def expected_trainable(model: nn.Module, task: str) -> set[str]:
 
 
 @pytest.mark.parametrize("family,task", CELLS)
-def test_init_training_save_load_disable(family, task, tmp_path):
-    model, batch = base(family, task), F.make_batch(family, task)
-    base_out, before, trainable = forward(model, batch), base_state(model), expected_trainable(model, task)
+def test_default_targets_are_peft_s(family, task):
+    model = base(family, task)
+    trainable = expected_trainable(model, task)
     model_ = get_peft_model(model, IA3Config(task_type=task))
-    assert torch.equal(forward(model_, batch), base_out), "l = 1 at init must give exactly the base output"
     assert {n for n, p in model_.named_parameters() if p.requires_grad} == trainable
-
-    params = [p for p in model_.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = loss_of(model_(**batch), task)
-        losses.append(loss.item())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert losses[-1] < losses[0]
-    after = base_state(model_)
-    assert all(torch.equal(after[k], v) for k, v in before.items()) and after.keys() == before.keys()
-
-    trained = forward(model_, batch)
-    assert (trained - base_out).abs().max() > 1e-4
-    with model_.disable_adapter():
-        assert torch.equal(forward(model_, batch), base_out)
-    model_.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(base(family, task), str(tmp_path))
-    assert torch.equal(forward(loaded, batch), trained)
 
 
 @pytest.mark.parametrize("family,task", CELLS)
-def test_mixed_batch_and_merge(family, task):
+def test_a_zero_entry_is_refused_by_merge_which_unmerge_could_not_undo(family, task):
     batch = F.make_batch(family, task)
     model = make("unipeft", family, task, ("one", "two"))
-    names = ["one", BASE, "two"]
-    mixed = forward(model, batch, adapter_names=names)
-    for i, name in enumerate(names):
-        row = {k: v[i:i + 1] for k, v in batch.items()}
-        if name == BASE:
-            with model.disable_adapter():
-                alone = forward(model, row)
-        else:
-            model.set_adapter(name)
-            alone = forward(model, row)
-        close(mixed[i:i + 1], alone)
-
     model.set_adapter("one")
-    before, unmerged = base_state(model), forward(model, batch)
+    before = base_state(model)
     last = [p for n, p in ia3_parts(model).items() if n.endswith(".one")][-1]
-    for poison in (float("nan"), 0.0):  # non-finite merge, and a zero vector entry unmerge could not undo
-        saved = last.detach().clone()
-        last.data.view(-1)[0] = poison
-        with pytest.raises(AdapterError, match="non-finite|zeros"):
-            model.merge_adapter(safe_merge=True)
-        after = base_state(model)
-        assert all(torch.equal(after[k], v) for k, v in before.items()), "a refused merge changed the base"
-        if poison == 0.0:  # a plain merge refuses too, at that layer; what it merged before unmerges
-            with pytest.raises(AdapterError, match="zeros"):
-                model.merge_adapter()
-            model.unmerge_adapter()
-            after = base_state(model)
-            assert all(torch.allclose(after[k], v, atol=1e-6, rtol=1e-6) for k, v in before.items())
-        last.data.copy_(saved)
-    model.merge_adapter(safe_merge=True)
-    assert any(not torch.equal(base_state(model)[k], v) for k, v in before.items())
-    close(forward(model, batch), unmerged)
-    model.unmerge_adapter()
+    last.data.view(-1)[0] = 0.0
+    unmerged = forward(model, batch)
+    with pytest.raises(AdapterError, match="zeros"):
+        model.merge_adapter(safe_merge=True)
+    assert all(torch.equal(base_state(model)[k], v) for k, v in before.items()), "a refused merge changed the base"
+    with pytest.raises(AdapterError, match="zeros"):  # a plain merge refuses too, at that layer
+        model.merge_adapter()
+    model.unmerge_adapter()  # what it merged before that layer unmerges
     after = base_state(model)
-    for key, value in before.items():
-        torch.testing.assert_close(after[key], value, atol=1e-6, rtol=1e-6, msg=f"{key} not restored")
-    close(forward(model, batch), unmerged)
-    close(forward(model.merge_and_unload(), batch), unmerged)
-
-
-@pytest.mark.parametrize("family,task", [c for c in CELLS if c.values[1] in ("CAUSAL_LM", "SEQ_2_SEQ_LM")])
-def test_generate_greedy_matches_merged(family, task):
-    batch = F.make_batch(family, task)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    model = make("unipeft", family, task)
-    merged = copy.deepcopy(model).merge_and_unload()
-    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
-    with torch.no_grad():
-        out = model.generate(**inputs, **kwargs)
-        assert torch.equal(out, merged.generate(**inputs, **kwargs))
-    assert out.shape[1] >= 4 and ((out >= 0) & (out < F.VOCAB)).all()
+    assert all(torch.allclose(after[k], v, atol=1e-6, rtol=1e-6) for k, v in before.items())
+    torch.testing.assert_close(forward(model, batch), unmerged, atol=1e-5, rtol=1e-5)
 
 
 # ---- 3. trainable-parameter count formula ---------------------------------------------------------

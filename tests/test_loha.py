@@ -1,5 +1,5 @@
-"""LoHa: HF PEFT interop both ways, GPT-2's Conv1D against the formula, merge / unmerge, counts, bad input.
-The section-4 properties on every cell run in tests/test_block_adapters.py."""
+"""LoHa: GPT-2's Conv1D against the formula, counts, bad input.
+The section-4 properties on every cell, and HF PEFT interop both ways, run in tests/test_properties.py."""
 from __future__ import annotations
 
 import pytest
@@ -7,20 +7,13 @@ import torch
 import transformers as T
 
 import families as F
-from peft_interop import assert_both_ways
-from test_block_adapters import assert_merge_round_trip, randomize, run
+from adapter_checks import randomize, run
 from unipeft import ConfigError, LoHaConfig, get_peft_model
 
-CELLS = [("bert", "SEQ_CLS"), ("t5", "SEQ_2_SEQ_LM"), ("llama", "CAUSAL_LM")]  # PEFT's LoHa adapts nn.Linear only
 
 
-def config(task, lib=None):
-    return (lib or __import__("unipeft")).LoHaConfig(task_type=task, r=4, alpha=8, init_weights=False)
-
-
-@pytest.mark.parametrize("family,task", CELLS)
-def test_both_ways_with_peft(family, task, tmp_path):
-    assert_both_ways(family, task, lambda lib: config(task, lib), tmp_path)
+def config(task):
+    return LoHaConfig(task_type=task, r=4, alpha=8, init_weights=False)
 
 
 def test_gpt2_conv1d_equals_the_base_with_the_formed_weight():
@@ -34,13 +27,6 @@ def test_gpt2_conv1d_equals_the_base_with_the_formed_weight():
                 edited.get_submodule(name).weight.add_((w1 * w2 * 2.0).t())  # alpha / r = 2; Conv1D is [in, out]
     batch = F.make_batch("gpt2", "CAUSAL_LM")
     torch.testing.assert_close(run(peft_model, batch), run(edited, batch), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("family,task", CELLS + [("gpt2", "CAUSAL_LM")])
-def test_merge_unmerge_and_unload(family, task):
-    peft_model = randomize(get_peft_model(F.make_model(family, task), config(task)))
-    batch = F.make_batch(family, task)
-    assert_merge_round_trip(peft_model, batch)
 
 
 @pytest.mark.parametrize("name,make", [("bert-base", T.BertConfig), ("gpt2", T.GPT2Config)])

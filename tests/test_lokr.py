@@ -1,5 +1,5 @@
 """LoKr: HF PEFT interop both ways (every key layout), dropout as PEFT draws it, GPT-2's Conv1D against the
-formula, merge / unmerge, counts, bad input. The section-4 properties on every cell run in tests/test_block_adapters.py."""
+formula, merge / unmerge, counts, bad input. The section-4 properties on every cell run in tests/test_properties.py."""
 from __future__ import annotations
 
 import peft
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import families as F
 from peft_interop import assert_both_ways
-from test_block_adapters import assert_merge_round_trip, randomize, run
+from adapter_checks import assert_merge_round_trip, randomize, run
 from unipeft import ConfigError, LoHaConfig, LoKrConfig, PeftModel, TargetError, get_peft_model
 from unipeft.methods.lokr import factorization
 

@@ -1,5 +1,5 @@
 """OFT: HF PEFT interop both ways, the base model with rotated weights as oracle (GPT-2's Conv1D too),
-merge / unmerge, counts, multiplicative dropout, bad input. The section-4 properties run in tests/test_block_adapters.py."""
+merge / unmerge, counts, multiplicative dropout, bad input. The section-4 properties run in tests/test_properties.py."""
 from __future__ import annotations
 
 import peft
@@ -9,7 +9,7 @@ import transformers as T
 
 import families as F
 from peft_interop import assert_both_ways
-from test_block_adapters import assert_merge_round_trip, randomize, run
+from adapter_checks import assert_merge_round_trip, randomize, run
 from unipeft import ConfigError, OFTConfig, get_peft_model
 from unipeft.engine.targeting import TargetError
 

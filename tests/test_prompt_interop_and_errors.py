@@ -10,7 +10,8 @@ import torch
 
 import families as F
 from peft_interop import peft_base
-from test_prompt_properties import T, make, run
+from adapter_checks import run
+from capabilities import T, make
 from unipeft import (
     AdapterError, ConfigError, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model,
 )

@@ -20,6 +20,7 @@ from unipeft.train.tasks import TASKS
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed"))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 import fidelity  # noqa: E402
+import support_matrix  # noqa: E402
 import matrix  # noqa: E402
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
@@ -102,10 +103,16 @@ def test_readme_fidelity_table_is_the_recorded_runs():
         "README fidelity table is stale: python tests/test_readme_tables.py --write"
 
 
+def test_readme_support_matrix_is_the_capability_table_and_its_suite():
+    assert readme_block(support_matrix.START, support_matrix.END) == "\n" + support_matrix.render(), \
+        "README support matrix is stale: python tests/test_readme_tables.py --write"
+
+
 def write_blocks() -> None:
     text = open(README, encoding="utf-8").read()
     for start, end, body in ((START, END, render()), (ENGINE_START, ENGINE_END, matrix.render()),
-                             (FIDELITY_START, FIDELITY_END, fidelity.report_markdown(fidelity_report()))):
+                             (FIDELITY_START, FIDELITY_END, fidelity.report_markdown(fidelity_report())),
+                             (support_matrix.START, support_matrix.END, "\n" + support_matrix.render())):
         head, rest = text.split(start, 1)
         text = head + start + body + end + rest.split(end, 1)[1]
     lines = text.split("\n")

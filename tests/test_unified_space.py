@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import families as F
-from test_block_adapters import is_adapter_param, randomize, run
-from test_prompt_properties import NO_CACHE
+from adapter_checks import is_adapter_param, randomize, run
+from adapter_checks import NO_CACHE
 from unipeft import ConfigError, PeftModel, PrefixTuningConfig, get_peft_model
 from unipeft.methods.unified import UnifiedConfig
 
