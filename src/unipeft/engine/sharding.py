@@ -105,5 +105,11 @@ def reshard(model: nn.Module) -> None:
 def plain_copy(module: nn.Module) -> nn.Module:
     """A deep copy whose parameters are ordinary whole tensors, also when the module's are partitioned."""
     with whole_parameters(module):
-        memo = {id(p): nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad) for p in module.parameters()}
-        return copy.deepcopy(module, memo)
+        return whole_copy(module)
+
+
+def whole_copy(module: nn.Module) -> nn.Module:
+    """`plain_copy` inside a `whole_parameters` block that already holds the module (an adapter's make_parts):
+    DeepSpeed refuses to gather a parameter twice."""
+    memo = {id(p): nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad) for p in module.parameters()}
+    return copy.deepcopy(module, memo)
