@@ -74,6 +74,15 @@ def bias_count(model, task):
                if n.endswith(".bias") and not any(n.startswith(h + ".") for h in heads) and "pooler" not in n.split("."))
 
 
+def ln_count(model, task):
+    """HF PEFT's LN-tuning targets where its table has the family, else every normalisation layer (a *Norm class)."""
+    suffixes = peft_tables.TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING.get(model.config.model_type)
+    heads = head_paths(model, task)
+    chosen = [m for n, m in model.named_modules() if not any(n.startswith(h + ".") for h in heads)
+              and (any(n == s or n.endswith("." + s) for s in suffixes) if suffixes else type(m).__name__.endswith("Norm"))]
+    return sum(p.numel() for m in chosen for p in m.parameters())
+
+
 def dims(model) -> tuple[int, int, int]:
     """(hidden size, layers, key/value width) from the config's own names."""
     c = model.config
@@ -148,6 +157,10 @@ METHODS: dict[str, Method] = {
     "ia3": Method(lambda task: unipeft.IA3Config(task_type=task), **WEIGHTS, count=ia3_count),
     "bitfit": Method(lambda task: unipeft.BitFitConfig(task_type=task, exclude_modules=["pooler.dense"]), **WEIGHTS,
                      skip_families=frozenset(NO_BIAS), count=bias_count),
+    "ln_tuning": Method(lambda task: unipeft.LNTuningConfig(task_type=task), **WEIGHTS, count=ln_count,
+                        twin=lambda lib, task: lib.LNTuningConfig(task_type=task),
+                        twin_cells=tuple((f, F.tasks_of(f)[-1]) for f in F.FAMILIES
+                                         if f in peft_tables.TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING)),
     "houlsby": Method(lambda task: unipeft.HoulsbyConfig(task_type=task, bottleneck_size=R)),
     "pfeiffer": Method(lambda task: unipeft.PfeifferConfig(task_type=task, bottleneck_size=R, layernorm_option="in")),
     "parallel": Method(lambda task: unipeft.ParallelAdapterConfig(task_type=task, bottleneck_size=R)),

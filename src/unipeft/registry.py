@@ -31,6 +31,7 @@ METHOD_MODULES: dict[str, str] = {
     "CROSS_PREFIX": "unipeft.methods.cross_prefix",
     "IA3": "unipeft.methods.ia3",
     "BITFIT": "unipeft.methods.bitfit",
+    "LN_TUNING": "unipeft.methods.ln_tuning",
 }
 
 PeftType = enum.Enum("PeftType", {name: name for name in METHOD_MODULES}, type=str)
