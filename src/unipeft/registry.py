@@ -62,6 +62,9 @@ class MethodSpec:
     load_step_state: Optional[Callable] = None
     # (adapter_model, adapters, weights, new name, combination_type, svd_rank) -> None: PeftModel.add_weighted_adapter
     add_weighted_adapter: Optional[Callable] = None
+    # (model, resolved config, planned layers) -> engine.model_parts.ModelParts: tensors one adapter shares across
+    # all its layers (VeRA's projections), held once per adapter by the AdapterModel; layers reach them in `attach`
+    model_parts: Optional[Callable] = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

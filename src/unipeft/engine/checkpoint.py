@@ -3,7 +3,7 @@
     <dir>/adapter_config.json + <dir>/adapter_model.safetensors      adapter "default"
     <dir>/<name>/adapter_config.json + ...                           any other adapter
 Keys read `base_model.model.<module path>.<part>.<param>` with the adapter name removed; prompt
-methods store `prompt_embeddings` at the top level. What the PEFT layout drops but training needs
+methods store `prompt_embeddings` at the top level, tensors an adapter shares across layers `base_model.<part>`. What the PEFT layout drops but training needs
 (reparameterisation networks) goes to `adapter_training_state.safetensors` beside it.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 TRAINING_STATE_NAME = "adapter_training_state.safetensors"
 KEY_PREFIX = "base_model.model."
 PROMPT_KEY_PREFIX = "base_model."  # PEFT's prompt methods hold the model itself as `base_model`
+MODEL_PART_PREFIX = "base_model."  # tensors an adapter shares across layers: base_model.<part> (VeRA's vera_A)
 
 
 def key_prefix(config) -> str:
@@ -76,8 +77,14 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_files({path: text.encode("utf-8")})
 
 
+def file_key(key: str, prefix: str) -> str:
+    """A tensor's key in the file: module tensors under `prefix`; top-level ones (`prompt_embeddings`) and
+    model-level parts (already `base_model.<part>`) as they are."""
+    return key if "." not in key or key.startswith(MODEL_PART_PREFIX) else prefix + key
+
+
 def _payload(tensors: dict[str, torch.Tensor], prefix: str) -> bytes:
-    data = {(prefix + k if "." in k else k): v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    data = {file_key(k, prefix): v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     return safetensors_bytes(data, metadata={"format": "pt"})
 
 

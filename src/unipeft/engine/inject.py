@@ -19,6 +19,7 @@ from .layers import (
     BASE, AdapterError, AdapterLayer, AdapterState, ModulesToSaveWrapper, Routing, base_named_modules,
     innermost, logical_name, named_part_tensors, wrapper_of,
 )
+from .model_parts import ModelParts
 from .sharding import numel, plain_copy, shape, whole_parameters
 from .sites import default_targets
 from .targeting import TargetError, find_targets, logical_modules, name_matches
@@ -45,6 +46,7 @@ class AdapterPlan:
     heads: dict[str, nn.Module] = field(default_factory=dict)
     target_modules: Any = None
     virtual: VirtualInput | None = None  # prompt methods: the virtual tokens or prefix
+    model_parts: ModelParts | None = None  # tensors shared by all of the adapter's layers
     resolved_config: Any = None  # the last planned part's config with the model's sizes filled in
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -54,6 +56,8 @@ class AdapterPlan:
             out.update(named_part_tensors(layer.module_name, layer.parts))
         for module_name, head in self.heads.items():
             out.update({f"{module_name}.{k}": v for k, v in head.state_dict(keep_vars=True).items()})
+        if self.model_parts is not None:
+            out.update(self.model_parts.checkpoint_tensors())
         return out
 
 
@@ -72,6 +76,7 @@ class AdapterModel(nn.Module):
         self.peft_config: dict[str, Any] = {}
         self.adapter_state = AdapterState()
         self.prompt_encoder = nn.ModuleDict()  # prompt adapters by name (HF PEFT's attribute name)
+        self.model_parts = nn.ModuleDict()  # by adapter name: tensors shared by all of its layers
         self.virtual_inputs: VirtualInputs | None = None
         self.method_state: dict[str, Any] = {}  # what a method keeps across steps, by adapter name
         self.add_adapter(adapter_name, config, state_dict, source)
@@ -152,6 +157,10 @@ class AdapterModel(nn.Module):
             base = innermost(module)
             with whole_parameters(base):  # sizes and initial values read the base weight (ZeRO-3 partitions it)
                 self._plan_layer(plan, spec, config, module_name, base)
+        if spec.model_parts is not None:
+            if plan.model_parts is not None:
+                raise AdapterError("one adapter can hold only one set of model-level parts")
+            plan.model_parts = spec.model_parts(self.model, config, plan.layers)
 
     @staticmethod
     def _plan_layer(plan: AdapterPlan, spec, config, module_name: str, base: nn.Module) -> None:
@@ -232,6 +241,8 @@ class AdapterModel(nn.Module):
             self.prompt_encoder[plan.name] = plan.virtual
             if self.virtual_inputs is None:
                 self.virtual_inputs = VirtualInputs(self.model, self.adapter_state, self.prompt_encoder)
+        if plan.model_parts is not None:  # before the layers too, which reach them in attach
+            self.model_parts[plan.name] = plan.model_parts
         for planned in plan.layers:
             outer = self.model.get_submodule(planned.module_name)
             module = wrapper_of(outer, planned.layer_cls)
@@ -297,6 +308,8 @@ class AdapterModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         if name in self.prompt_encoder:
             out.update(self.prompt_encoder[name].checkpoint_tensors())
+        if name in self.model_parts:
+            out.update(self.model_parts[name].checkpoint_tensors())
         bias = getattr(self.peft_config[name], "bias", "none")
         for module_name, module in self.adapter_layers():
             if isinstance(module, AdapterLayer) and name in module.hparams:
@@ -425,6 +438,7 @@ class AdapterModel(nn.Module):
         self.method_state.clear()
         self.adapter_state.active = []
         self._drop_prompts(list(self.prompt_encoder))
+        self.model_parts.clear()
         return self.model
 
     def _drop_prompts(self, names: list[str]) -> None:
@@ -446,6 +460,8 @@ class AdapterModel(nn.Module):
         del self.peft_config[name]
         self.method_state.pop(name, None)
         self._drop_prompts([name] if name in self.prompt_encoder else [])
+        if name in self.model_parts:
+            del self.model_parts[name]
         state = self.adapter_state
         state.active = [n for n in state.active if n != name] or list(self.peft_config)[:1]
         self.refresh_trainable()
