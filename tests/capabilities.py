@@ -161,6 +161,11 @@ METHODS: dict[str, Method] = {
                         twin=lambda lib, task: lib.LNTuningConfig(task_type=task),
                         twin_cells=tuple((f, F.tasks_of(f)[-1]) for f in F.FAMILIES
                                          if f in peft_tables.TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING)),
+    "vera": Method(lambda task: unipeft.VeraConfig(task_type=task, r=R), **WEIGHTS,  # + λ_b per output, λ_d per rank
+                   count=per_target(peft_tables.TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING, lambda p, i, o: o + R),
+                   twin=lambda lib, task: lib.VeraConfig(task_type=task, r=R, init_weights=False),
+                   twin_cells=(("bert", "SEQ_CLS"), ("opt", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("bart", "SEQ_2_SEQ_LM"),
+                               ("llama", "CAUSAL_LM"), ("qwen2", "CAUSAL_LM"))),  # PEFT asks fan_in_fan_out for Conv1D
     "houlsby": Method(lambda task: unipeft.HoulsbyConfig(task_type=task, bottleneck_size=R)),
     "pfeiffer": Method(lambda task: unipeft.PfeifferConfig(task_type=task, bottleneck_size=R, layernorm_option="in")),
     "parallel": Method(lambda task: unipeft.ParallelAdapterConfig(task_type=task, bottleneck_size=R)),

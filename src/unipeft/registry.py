@@ -32,6 +32,7 @@ METHOD_MODULES: dict[str, str] = {
     "IA3": "unipeft.methods.ia3",
     "BITFIT": "unipeft.methods.bitfit",
     "LN_TUNING": "unipeft.methods.ln_tuning",
+    "VERA": "unipeft.methods.vera",
 }
 
 PeftType = enum.Enum("PeftType", {name: name for name in METHOD_MODULES}, type=str)
