@@ -85,3 +85,19 @@ def no_transformers_deprecation_through_unipeft(monkeypatch):
             other.setLevel(other_level)
     if handler.found:
         pytest.fail("transformers deprecation raised through unipeft:\n" + "\n".join(dict.fromkeys(handler.found)))
+
+
+# ---- the command-line tests' tiny model and data (tests/cli_helpers.py) ------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from cli_helpers import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def tiny_csv(tmp_path_factory) -> str:
+    from cli_helpers import texts, write_csv
+
+    rows = [(i, text, label) for i, (text, label) in enumerate(texts(0, 600))]
+    return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", ["id", "text", "label"], rows)

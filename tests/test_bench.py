@@ -8,7 +8,6 @@ is checked with the training subprocess replaced, so "before any run starts" is 
 """
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import os
@@ -19,11 +18,10 @@ import pytest
 from filelock import FileLock
 from safetensors.torch import load_file
 
-from test_cli import CUES, FILLER, HIDDEN, LAYERS, SPECIAL, _texts
+from cli_helpers import HIDDEN, LAYERS, RANK, texts, write_csv, write_tiny_model
 from unipeft.cli import main
 from unipeft.train import bench as bench_mod
 
-RANK = 4
 TRAIN_OPTIONS = ["--epochs", "1", "--batch-size", "16", "--max-length", "16", "--r", str(RANK), "--seed", "3",
                  "--num-virtual-tokens", "64"]  # read by prompt only: 64 tokens fill the tiny model's 64 positions
 METHODS = ["lora", "prompt", "ia3"]
@@ -37,21 +35,9 @@ def _shared_folder(tmp_path_factory):
 
 
 def _write_model_and_data(folder) -> None:
-    """test_cli's tiny BERT (2 layers, 32 wide, 64 positions, a word-list tokenizer) and 100 labelled rows."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    vocab = SPECIAL + sorted({w for words in CUES.values() for w in words}) + FILLER
-    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).save_pretrained(folder / "tiny-bert")
-    tokenizer.save_pretrained(folder / "tiny-bert")
-    with open(folder / "reviews.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["text", "label"])
-        writer.writerows(_texts(7, 100))
+    """The command-line tests' tiny BERT (with dropout) and 100 labelled rows."""
+    write_tiny_model(folder / "tiny-bert", dropout=0.1)
+    write_csv(folder / "reviews.csv", ["text", "label"], texts(7, 100))
 
 
 @pytest.fixture(scope="module")

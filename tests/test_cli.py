@@ -6,11 +6,9 @@ bad-input errors (one line on stderr, exit code 2, nothing written).
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 
@@ -23,62 +21,7 @@ from unipeft.cli import main
 from unipeft.train import data as train_data
 from unipeft.train.methods import known_methods
 
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-CUES = {"negative": ["awful", "terrible", "hate"], "neutral": ["okay", "fine", "average"],
-        "positive": ["great", "love", "wonderful"]}
-FILLER = [f"w{i}" for i in range(40)]
-HIDDEN, LAYERS, RANK = 32, 2, 4
-
-
-def _texts(seed: int, n: int) -> list[tuple[str, str]]:
-    """Unique sentences: filler words plus one cue word that decides the label."""
-    rng, rows, seen = random.Random(seed), [], set()
-    while len(rows) < n:
-        label = rng.choice(sorted(CUES))
-        words = rng.sample(FILLER, 3)
-        words.insert(rng.randrange(4), rng.choice(CUES[label]))
-        text = " ".join(words)
-        if text not in seen:
-            seen.add(text)
-            rows.append((text, label))
-    return rows
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A 2-layer random BERT encoder saved with a WordPiece tokenizer built offline from a word list."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = SPECIAL + sorted({w for words in CUES.values() for w in words}) + FILLER
-    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
-    assert tokenizer.tokenize("w1 great W2") == ["w1", "great", "w2"]  # whole words, no [UNK]
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def tiny_csv(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "reviews.csv"
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["id", "text", "label"])
-        for i, (text, label) in enumerate(_texts(0, 600)):
-            writer.writerow([i, text, label])
-    return str(path)
-
-
-def _env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if "PYTEST_XDIST_WORKER" in env:  # two workers on two cores: one thread each
-        env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
+from cli_helpers import HIDDEN, LAYERS, RANK, cli_env, fails, texts
 
 TRAIN_ARGS = ["--epochs", "5", "--lr", "0.03", "--batch-size", "16", "--max-length", "16", "--r", str(RANK),
               "--alpha", "8", "--seed", "1", "--no-progress"]
@@ -90,7 +33,7 @@ def trained(tiny_model, tiny_csv, tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "unipeft", "train", "--model", tiny_model, "--data", tiny_csv,
          "--output-dir", str(out), *TRAIN_ARGS],
-        capture_output=True, text=True, env=_env(), timeout=600,
+        capture_output=True, text=True, env=cli_env(), timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -173,7 +116,7 @@ def test_split_is_fixed_disjoint_and_independent_of_subsampling(tiny_csv):
 
 
 def test_jsonl_with_custom_columns_and_integer_labels(tmp_path, tiny_model, capsys):
-    rows = _texts(1, 60)
+    rows = texts(1, 60)
     ids = {"negative": 2, "neutral": 10, "positive": 1}  # ids sort numerically, not as strings
     with open(tmp_path / "data.jsonl", "w") as fh:
         for text, label in rows:
@@ -191,50 +134,38 @@ def test_jsonl_with_custom_columns_and_integer_labels(tmp_path, tiny_model, caps
 
 
 # ---- bad input: one line naming the problem, exit code 2, no traceback, nothing written ----------------------
-def _fails(capsys, argv, *needles, out=None):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    for needle in needles:
-        assert needle in err, err
-    if out is not None:
-        assert not os.path.exists(out)
-    return err
-
-
 def test_unknown_method_lists_known_ones(tmp_path, tiny_model, tiny_csv, capsys):
     out = tmp_path / "out"
-    _fails(capsys, ["train", "--method", "dora-xl", "--model", tiny_model, "--data", tiny_csv, "--output-dir", str(out)],
+    fails(capsys, ["train", "--method", "dora-xl", "--model", tiny_model, "--data", tiny_csv, "--output-dir", str(out)],
            "unknown method 'dora-xl'", "known methods: " + ", ".join(known_methods()), out=out)
 
 
 def test_missing_column_lists_columns_found(tmp_path, tiny_model, tiny_csv, capsys):
     out = tmp_path / "out"
-    _fails(capsys, ["train", "--model", tiny_model, "--data", tiny_csv, "--label-column", "sentiment",
+    fails(capsys, ["train", "--model", tiny_model, "--data", tiny_csv, "--label-column", "sentiment",
                     "--output-dir", str(out)],
            "no label column 'sentiment'", "['id', 'text', 'label']", "--label-column", out=out)
-    _fails(capsys, ["train", "--model", tiny_model, "--data", tiny_csv, "--text-column", "body", "--output-dir", str(out)],
+    fails(capsys, ["train", "--model", tiny_model, "--data", tiny_csv, "--text-column", "body", "--output-dir", str(out)],
            "no text column 'body'", out=out)
 
 
 def test_missing_or_unsupported_files(tmp_path, tiny_model, tiny_csv, capsys):
     out = tmp_path / "out"
     missing = tmp_path / "nope.csv"
-    _fails(capsys, ["train", "--model", tiny_model, "--data", str(missing), "--output-dir", str(out)],
+    fails(capsys, ["train", "--model", tiny_model, "--data", str(missing), "--output-dir", str(out)],
            str(missing), "does not exist", out=out)
     other = tmp_path / "data.parquet"
     other.write_bytes(b"PAR1")
-    _fails(capsys, ["train", "--model", tiny_model, "--data", str(other), "--output-dir", str(out)],
+    fails(capsys, ["train", "--model", tiny_model, "--data", str(other), "--output-dir", str(out)],
            "unsupported file type", ".jsonl", out=out)
-    _fails(capsys, ["train", "--model", str(tmp_path / "no-model"), "--data", tiny_csv, "--output-dir", str(out)],
+    fails(capsys, ["train", "--model", str(tmp_path / "no-model"), "--data", tiny_csv, "--output-dir", str(out)],
            "model folder", "no-model", "does not exist", out=out)
 
 
 def test_single_label_and_bad_numbers(tmp_path, tiny_model, capsys):
     path = tmp_path / "one.csv"
     path.write_text("text,label\n" + "".join(f"t{i},pos\n" for i in range(10)))
-    _fails(capsys, ["train", "--model", tiny_model, "--data", str(path)], "at least 2 distinct labels", "['pos']")
+    fails(capsys, ["train", "--model", tiny_model, "--data", str(path)], "at least 2 distinct labels", "['pos']")
     with pytest.raises(SystemExit) as exc:  # argparse: usage line + error, exit 2
         main(["train", "--epochs", "0"])
     assert exc.value.code == 2
@@ -243,13 +174,13 @@ def test_single_label_and_bad_numbers(tmp_path, tiny_model, capsys):
 
 def test_max_length_beyond_the_model_positions(tmp_path, tiny_model, tiny_csv, capsys):
     out = tmp_path / "out"
-    _fails(capsys, ["train", "--model", tiny_model, "--data", tiny_csv, "--max-length", "100", "--output-dir", str(out)],
+    fails(capsys, ["train", "--model", tiny_model, "--data", tiny_csv, "--max-length", "100", "--output-dir", str(out)],
            "--max-length 100", "(64 tokens)", out=out)
 
 
 def test_console_script_exits_2_with_message(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "unipeft")
-    proc = subprocess.run([script, "train", "--method", "nope"], capture_output=True, text=True, env=_env(), timeout=300)
+    proc = subprocess.run([script, "train", "--method", "nope"], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 2
     # every name `unipeft train --method` knows (the registry's presets and full), sorted
     assert proc.stderr.strip() == "unipeft train: error: unknown method 'nope'; known methods: " + ", ".join(known_methods())
@@ -279,7 +210,7 @@ def test_prompt_methods_train_from_the_command_line(method, peft_type, tmp_path,
     proc = subprocess.run(
         [sys.executable, "-m", "unipeft", "train", "--model", tiny_model, "--data", tiny_csv, "--method", method,
          "--num-virtual-tokens", "4", "--output-dir", str(out), *TRAIN_ARGS],
-        capture_output=True, text=True, env=_env(), timeout=600,
+        capture_output=True, text=True, env=cli_env(), timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -299,7 +230,7 @@ def _train(tiny_model, tiny_csv, out, *args):
     proc = subprocess.run(
         [sys.executable, "-m", "unipeft", "train", "--model", tiny_model, "--data", tiny_csv, "--output-dir", str(out),
          *args],
-        capture_output=True, text=True, env=_env(), timeout=600,
+        capture_output=True, text=True, env=cli_env(), timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     return json.loads((out / "metrics.json").read_text()), proc.stdout
@@ -384,10 +315,10 @@ def test_idpg_with_a_separate_sentence_encoder(tmp_path, tiny_model, tiny_csv):
 def test_virtual_tokens_must_fit_with_max_length(method, tmp_path, tiny_model, tiny_csv, capsys):
     """The tiny model has 64 positions: 60 tokens of text and 8 virtual tokens would fail at the first long batch."""
     out = tmp_path / "out"
-    _fails(capsys, ["train", "--method", method, "--model", tiny_model, "--data", tiny_csv, "--max-length", "60",
+    fails(capsys, ["train", "--method", method, "--model", tiny_model, "--data", tiny_csv, "--max-length", "60",
                     "--num-virtual-tokens", "8", "--output-dir", str(out)],
            "max_length 60 plus 8 virtual tokens", "64 positions", "--max-length 56", out=out)
-    _fails(capsys, ["train", "--method", method, "--model", tiny_model, "--data", tiny_csv,
+    fails(capsys, ["train", "--method", method, "--model", tiny_model, "--data", tiny_csv,
                     "--num-virtual-tokens", "64", "--output-dir", str(out)],
            "64 virtual tokens leave no room", out=out)
 
@@ -396,21 +327,21 @@ def test_bad_sentence_encoder(tmp_path, tiny_model, tiny_csv, capsys):
     from transformers import BertConfig, BertModel
 
     out = tmp_path / "out"
-    _fails(capsys, ["train", "--method", "idpg", "--model", tiny_model, "--data", tiny_csv, "--max-length", "16",
+    fails(capsys, ["train", "--method", "idpg", "--model", tiny_model, "--data", tiny_csv, "--max-length", "16",
                     "--sentence-encoder", str(tmp_path / "no-encoder"), "--output-dir", str(out)],
            "cannot load sentence encoder", "no-encoder", out=out)
     small = tmp_path / "small-vocab"
     BertModel(BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=16, max_position_embeddings=64)).save_pretrained(small)
     capsys.readouterr()  # transformers' saving progress bar
-    _fails(capsys, ["train", "--method", "pg", "--model", tiny_model, "--data", tiny_csv, "--max-length", "16",
+    fails(capsys, ["train", "--method", "pg", "--model", tiny_model, "--data", tiny_csv, "--max-length", "16",
                     "--sentence-encoder", str(small), "--output-dir", str(out)],
            "has 10 tokens", "must share the model's tokenizer", out=out)
     short = tmp_path / "short-positions"
     BertModel(BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=16, max_position_embeddings=20)).save_pretrained(short)
     capsys.readouterr()  # transformers' saving progress bar
-    _fails(capsys, ["train", "--method", "pg", "--model", tiny_model, "--data", tiny_csv, "--max-length", "16",
+    fails(capsys, ["train", "--method", "pg", "--model", tiny_model, "--data", tiny_csv, "--max-length", "16",
                     "--sentence-encoder", str(short), "--num-virtual-tokens", "8", "--output-dir", str(out)],
            "has 20 positions", "max_length 16 plus 8 encoder-prompt tokens", out=out)
 

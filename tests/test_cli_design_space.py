@@ -7,7 +7,6 @@ import math
 import pytest
 from safetensors.torch import load_file
 
-from test_cli import tiny_csv, tiny_model  # noqa: F401  (fixtures)
 from unipeft.cli import main
 from unipeft.train.methods import default_lr
 

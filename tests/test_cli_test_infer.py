@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers as T
 
-from test_cli import _fails, _texts, tiny_csv, tiny_model  # noqa: F401  (fixtures)
+from cli_helpers import fails, texts
 from unipeft.cli import main
 
 
@@ -50,7 +50,7 @@ def test_test_on_the_runs_split_reproduces_its_test_accuracy(trained_run, capsys
 
 
 def test_test_on_a_file_equals_accuracy_computed_from_peft(trained_run, tiny_model, tmp_path, capsys):  # noqa: F811
-    rows = _texts(123, 40)
+    rows = texts(123, 40)
     labels, probabilities = peft_probabilities(trained_run, tiny_model, [t for t, _ in rows])
     expected = sum(labels[i] == label for i, (_, label) in zip(probabilities.argmax(-1).tolist(), rows)) / len(rows)
     data = write_csv(tmp_path / "more.csv", rows)
@@ -82,20 +82,20 @@ def test_infer_prints_peft_s_probabilities_for_arguments_files_and_stdin(trained
 def test_bad_input_is_one_clear_line_and_writes_nothing(trained_run, tmp_path, capsys):
     before = sorted(os.listdir(trained_run))
     checkpoint = ["--checkpoint", str(trained_run)]
-    _fails(capsys, ["test", "--checkpoint", str(tmp_path)], "is not an adapter folder or a saved model (no adapter_config.json or config.json)")
+    fails(capsys, ["test", "--checkpoint", str(tmp_path)], "is not an adapter folder or a saved model (no adapter_config.json or config.json)")
     unknown = write_csv(tmp_path / "unknown.csv", [("w1 great", "positive"), ("w2 meh", "ecstatic")])
-    _fails(capsys, ["test", *checkpoint, "--data", str(unknown)], "labels the checkpoint's head does not know: ['ecstatic']")
-    _fails(capsys, ["test", *checkpoint, "--data", str(unknown), "--text-column", "review"],
+    fails(capsys, ["test", *checkpoint, "--data", str(unknown)], "labels the checkpoint's head does not know: ['ecstatic']")
+    fails(capsys, ["test", *checkpoint, "--data", str(unknown), "--text-column", "review"],
            "no text column 'review'", "columns found: ['text', 'label']")
-    _fails(capsys, ["test", *checkpoint, "--data", str(tmp_path / "missing.csv")], "does not exist")
-    _fails(capsys, ["infer", *checkpoint, "--file", str(tmp_path / "missing.txt")], "cannot read --file")
+    fails(capsys, ["test", *checkpoint, "--data", str(tmp_path / "missing.csv")], "does not exist")
+    fails(capsys, ["infer", *checkpoint, "--file", str(tmp_path / "missing.txt")], "cannot read --file")
     elsewhere = tmp_path / "no-metrics"  # an adapter without the run's record: its data is not known
     elsewhere.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (elsewhere / name).write_bytes((trained_run / name).read_bytes())
     labels = ",".join(json.loads((trained_run / "metrics.json").read_text())["labels"])
-    _fails(capsys, ["test", "--checkpoint", str(elsewhere), "--labels", labels], "has no metrics.json", "pass --data FILE")
-    _fails(capsys, ["test", "--checkpoint", str(elsewhere)], "pass --labels")
+    fails(capsys, ["test", "--checkpoint", str(elsewhere), "--labels", labels], "has no metrics.json", "pass --data FILE")
+    fails(capsys, ["test", "--checkpoint", str(elsewhere)], "pass --labels")
     assert sorted(os.listdir(trained_run)) == before
 
 

@@ -4,14 +4,13 @@ listing and its bytes, an output folder stays empty, and the working directory g
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 
 import pytest
 import torch
 
-from test_cli import _texts, tiny_model  # noqa: F401  (fixture)
+from cli_helpers import texts, write_csv
 from unipeft.cli import main
 from workflow_models import folder_bytes
 from unipeft.train.methods import known_methods
@@ -25,14 +24,6 @@ def without_cuda(monkeypatch):
     """As on a machine without CUDA, so the unavailable-device errors are the same everywhere."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-
-
-def _write_csv(path, header, rows):
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return str(path)
 
 
 def _write_jsonl(path, rows):
@@ -54,14 +45,14 @@ def files(tmp_path_factory) -> dict[str, str]:
     (folder / "cfg-broken.json").write_text('{"r": 4,', encoding="utf-8")
     (folder / "cfg-binary.json").write_bytes(b"\xff\xfe\x00\x81")
     return {
-        "csv": _write_csv(folder / "reviews.csv", ["text", "label"], _texts(3, 100)),
-        "sst2": _write_csv(folder / "sst2.csv", ["sentence", "label"],
-                           [(text, int(label == "positive")) for text, label in _texts(4, 40) if label != "neutral"]),
-        "pair": _write_csv(folder / "pairs.csv", ["sentence1", "label"], [(f"w{i} great", i % 2) for i in range(30)]),
+        "csv": write_csv(folder / "reviews.csv", ["text", "label"], texts(3, 100)),
+        "sst2": write_csv(folder / "sst2.csv", ["sentence", "label"],
+                           [(text, int(label == "positive")) for text, label in texts(4, 40) if label != "neutral"]),
+        "pair": write_csv(folder / "pairs.csv", ["sentence1", "label"], [(f"w{i} great", i % 2) for i in range(30)]),
         "docs": _write_jsonl(folder / "docs.jsonl", docs),
         "nosum": _write_jsonl(folder / "abstracts.jsonl",
                               [{"document": d["document"], "abstract": d["summary"]} for d in docs]),
-        "new_label": _write_csv(folder / "new-label.csv", ["text", "label"],
+        "new_label": write_csv(folder / "new-label.csv", ["text", "label"],
                                 [("w1 great w2", "positive"), ("w3 meh w4", "ecstatic"), ("w5 awful", "negative")]),
         "empty": str(folder / "empty"),
         "random": str(random_files),
@@ -252,7 +243,7 @@ def gpt2(tmp_path_factory) -> str:
 
 
 def test_test_of_a_classifier_run_on_a_regression_task(place, run, tmp_path_factory, capsys):
-    sts = _write_csv(tmp_path_factory.mktemp("sts") / "sts.csv", ["sentence1", "sentence2", "label"], [("w1 great", "w2 great", 4.5)] * 3)
+    sts = write_csv(tmp_path_factory.mktemp("sts") / "sts.csv", ["sentence1", "sentence2", "label"], [("w1 great", "w2 great", 4.5)] * 3)
     _refused(capsys, ["test", "--checkpoint", run, "--task", "stsb", "--data", sts],
              f"stsb is a regression task, but {run} holds a classifier model; use a run trained on a regression task")
 
@@ -276,7 +267,7 @@ def test_in_context_prompts_longer_than_the_model_positions_are_refused_before_t
 
 
 def test_a_file_without_usable_test_rows(place, run, tmp_path_factory, capsys):
-    empty_labels = _write_csv(tmp_path_factory.mktemp("unlabelled") / "unlabelled.csv", ["text", "label"], [("w1 great", ""), ("w2 awful", "")])
+    empty_labels = write_csv(tmp_path_factory.mktemp("unlabelled") / "unlabelled.csv", ["text", "label"], [("w1 great", ""), ("w2 awful", "")])
     _refused(capsys, ["test", "--checkpoint", run, "--data", empty_labels],
              f"{empty_labels}: no usable rows to test on")
 
@@ -290,7 +281,7 @@ def test_a_missing_metric_package_is_named_before_training(place, gpt2, files, c
 
 def test_infer_on_a_pair_task_needs_the_tab(place, tiny_model, tmp_path_factory, capsys):  # noqa: F811
     folder = tmp_path_factory.mktemp("mrpc")
-    pairs = _write_csv(folder / "pairs.csv", ["sentence1", "sentence2", "label"],
+    pairs = write_csv(folder / "pairs.csv", ["sentence1", "sentence2", "label"],
                        [(f"w{i} great", f"w{i + 1} {'great' if i % 2 else 'awful'}", i % 2) for i in range(40)])
     out = folder / "run"
     assert main(["train", "--model", tiny_model, "--task", "mrpc", "--data", pairs, "--epochs", "1",
