@@ -21,7 +21,7 @@ from ..registry import MethodSpec, PeftType, Preset, register_method, register_p
 __all__ = ["LoraConfig"]
 
 # model_type -> the modules LoRA adapts when target_modules is not given: the attention's query and value
-# projections, as in the LoRA paper (HF PEFT's defaults). LoHa, LoKr and OFT default to the same.
+# projections, as in the LoRA paper (HF PEFT's defaults). LoHa, LoKr, OFT and VeRA default to the same.
 DEFAULT_TARGETS = {
     "bert": ("query", "value"), "roberta": ("query", "value"), "deberta": ("in_proj",),
     "deberta-v2": ("query_proj", "value_proj"), "gpt2": ("c_attn",), "bloom": ("query_key_value",),
