@@ -350,7 +350,7 @@ def test_the_parser_offers_exactly_the_choices_the_code_knows():
     """cli.py spells these choices out: they must stay the code's."""
     from unipeft.cli import build_parser
     from unipeft.train.generation import SEARCHES
-    from unipeft.train.run import EVAL_MODES
+    from unipeft.train.plan import EVAL_MODES
     from unipeft.train.trainer import SCHEDULES
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]

@@ -12,7 +12,8 @@ import torch
 import unipeft
 from unipeft.train import data as train_data
 from unipeft.train.model import default_model_path
-from unipeft.train.run import TrainOptions, run
+from unipeft.train.plan import TrainOptions
+from unipeft.train.run import run
 
 pytestmark = pytest.mark.slow
 

@@ -90,7 +90,7 @@ def _add_generation_options(p) -> None:
 
 def add_train_parser(subparsers) -> None:
     from .train.methods import known_methods, lr_help
-    from .train.run import TrainOptions
+    from .train.plan import TrainOptions
 
     d = TrainOptions()
     p = subparsers.add_parser(
@@ -193,7 +193,7 @@ def _add_design_space(p) -> None:
 def train_options(args: argparse.Namespace):
     """The TrainOptions of parsed `unipeft train` arguments."""
     from .registry import get_method
-    from .train.run import TrainOptions
+    from .train.plan import TrainOptions
 
     fields = TrainOptions.__dataclass_fields__
     axes = {axis: getattr(args, axis) for axis in get_method("UNIFIED").config_cls.AXES if getattr(args, axis) is not None}
@@ -292,7 +292,7 @@ def add_bench_parser(subparsers) -> None:
 def run_bench(args: argparse.Namespace, train_args: list[str]) -> int:
     """Training options that do not parse, or would fail every run, are refused before the first run."""
     from .train.bench import bench, check_bench_options
-    from .train.run import default_output_dir
+    from .train.plan import default_output_dir
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     train.exit_on_error = False

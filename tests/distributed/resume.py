@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import matrix
 from train_methods import zero3_config
 from unipeft.train.engines import full_trainable
-from unipeft.train.run import is_main_process
+from unipeft.train.plan import is_main_process
 from unipeft.train.trainer import fit
 
 

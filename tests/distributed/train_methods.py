@@ -32,7 +32,7 @@ import unipeft
 from unipeft.engine.layers import AdapterError
 from unipeft.engine.sharding import whole_parameters
 from unipeft.train.engines import full_trainable, partitioned_loading, resolve_engine, shard_fsdp
-from unipeft.train.run import is_main_process
+from unipeft.train.plan import is_main_process
 from unipeft.train.trainer import fit
 
 

@@ -82,7 +82,8 @@ def check_bench_options(methods: list[str], options, method_given: bool) -> None
     from . import tasks
     from .methods import check_method, method_config
     from .model import resolve_model
-    from .run import _check_options, load_run_data
+    from .plan import plan_run
+    from .run import load_run_data
 
     methods = [check_method(m) for m in methods]
     if len(set(methods)) != len(methods):
@@ -91,11 +92,11 @@ def check_bench_options(methods: list[str], options, method_given: bool) -> None
                                          ("--resume", options.resume)) if given]
     if reserved:
         raise UsageError(f"bench chooses {', '.join(reserved)} itself; remove it from the training options")
-    _check_options(options)
+    plan_run(options)
     tasks.task_for(options.task, options.data or options.train_file)
     resolve_model(options.model)
     for method in methods:
-        method_config(dataclasses.replace(options, method=method, total_steps=options.epochs))
+        method_config(dataclasses.replace(options, method=method), total_steps=options.epochs)
     if options.data or options.train_file or options.test_file:  # local files are quick to read; the Hub is not
         load_run_data(options)
 

@@ -49,7 +49,7 @@ def _open(checkpoint: str | None, model: str | None, labels: list[str] | None, o
 
 def _train_options(run: SavedRun, options: EvalOptions, need_data: bool = True):
     """The run's training options with this command's data and decoding choices over them."""
-    from .run import TrainOptions, resolve_device
+    from .plan import TrainOptions, resolve_device
 
     resolve_device(options.device)  # an unavailable device fails before anything loads
     known = {f.name for f in dataclasses.fields(TrainOptions)}
@@ -126,7 +126,7 @@ def _runner(run: SavedRun, task, train_options, demo_pool, tokenizer, options: E
 
 def test(checkpoint: str | None, options: EvalOptions | None = None, model: str | None = None,
          labels: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
-    from .run import resolve_device
+    from .plan import resolve_device
 
     options = options or EvalOptions()
     run = _open(checkpoint, model, labels, options)
@@ -145,7 +145,8 @@ def infer(checkpoint: str, texts: list[str], options: EvalOptions | None = None,
           labels: list[str] | None = None) -> list[dict]:
     """For each text: the predicted label and every label's probability, the value, or the generated text."""
     from . import tasks
-    from .run import load_run_data, resolve_device
+    from .plan import resolve_device
+    from .run import load_run_data
 
     if not texts:
         raise UsageError("no texts to run: give them as arguments, with --file, or on standard input")

@@ -15,7 +15,7 @@ from .errors import UsageError
 
 if TYPE_CHECKING:
     from ..config import PeftConfig
-    from .run import TrainOptions
+    from .plan import TrainOptions
 
 # BERT's fine-tuning range (2e-5 to 5e-5), the top end for the short default run; not swept
 FULL = Preset("full", 5e-5, lambda knobs: None, "full fine-tuning, the baseline: every weight trains and the whole "
@@ -55,14 +55,14 @@ def check_method(name: str) -> str:
     return key
 
 
-def knobs(options: "TrainOptions") -> Knobs:
+def knobs(options: "TrainOptions", task_type: str, total_steps: int) -> Knobs:
     """The method settings of a run; design-space axes from --unified-config, with the flags' over them."""
     axes = read_json_object(options.unified_config, "--unified-config") if options.unified_config else {}
     axes.update(options.axes or {})
-    return Knobs(task_type=options.task_type, r=options.r, alpha=options.alpha, dropout=options.dropout,
+    return Knobs(task_type=task_type, r=options.r, alpha=options.alpha, dropout=options.dropout,
                  target_modules=options.target_modules, num_virtual_tokens=options.num_virtual_tokens,
                  sentence_encoder=options.sentence_encoder, bottleneck_size=options.bottleneck_size,
-                 axes=axes or None, total_steps=options.total_steps or 1)
+                 axes=axes or None, total_steps=total_steps)
 
 
 def read_json_object(path: str, what: str) -> dict:
@@ -90,14 +90,14 @@ def _with_overrides(config: "PeftConfig", path: str) -> "PeftConfig":
     return dataclasses.replace(config, **data)
 
 
-def method_config(options: "TrainOptions") -> "PeftConfig | None":
+def method_config(options: "TrainOptions", task_type: str = "SEQ_CLS", total_steps: int = 1) -> "PeftConfig | None":
     """The adapter config for the run (None for full fine-tuning), with --method-config's fields over it;
-    a bad knob (e.g. r=0) becomes a UsageError."""
+    a bad knob (e.g. r=0) becomes a UsageError. `total_steps`: the run's optimizer steps (AdaLoRA's schedule)."""
     from ..config import ConfigError
 
     preset = method_presets()[check_method(options.method)]
     try:
-        config = preset.build(knobs(options))
+        config = preset.build(knobs(options, task_type, total_steps))
         if options.method_config:
             if config is None:
                 raise UsageError("--method-config sets adapter fields, but --method full trains the model itself")

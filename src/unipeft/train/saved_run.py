@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .errors import UsageError
 from .methods import read_json_object
-from .run import METRICS_FILE
+from .plan import METRICS_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"  # a whole saved model (`--method full`)
