@@ -351,12 +351,12 @@ def test_the_parser_offers_exactly_the_choices_the_code_knows():
     from unipeft.cli import build_parser
     from unipeft.train.generation import SEARCHES
     from unipeft.train.plan import EVAL_MODES
-    from unipeft.train.trainer import SCHEDULES
+    from unipeft.train.loop_options import SCHEDULES
 
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     choices = {a.dest: tuple(a.choices) for a in train._actions if a.choices}
     assert choices["schedule"] == SCHEDULES and choices["search"] == SEARCHES and choices["eval_mode"] == EVAL_MODES
     precisions = {a.const for a in train._actions if a.dest == "precision"} | {train.get_default("precision")}
-    from unipeft.train.trainer import PRECISIONS
+    from unipeft.train.loop_options import PRECISIONS
 
     assert precisions == set(PRECISIONS)

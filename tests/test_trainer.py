@@ -13,7 +13,8 @@ import unipeft
 from workflow_models import folder_bytes
 from unipeft.train.errors import UsageError
 from unipeft.train.report import write_curves, write_summary
-from unipeft.train.trainer import LoopOptions, check_options, fit
+from unipeft.train.loop_options import LoopOptions, check_options
+from unipeft.train.trainer import fit
 
 QUIET = dict(device="cpu", progress=False)
 

@@ -17,7 +17,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import unipeft
 from unipeft.registry import Knobs
 from unipeft.train.methods import method_presets
-from unipeft.train.trainer import LoopOptions
+from unipeft.train.loop_options import LoopOptions
 
 DEVICE = os.environ.get("UNIPEFT_ENGINE_DEVICE", "cpu")
 CPU_ENGINES = {"ddp": "ddp", "bf16": "ddp", "fsdp": "fsdp", "zero1": "configs/deepspeed/zero1.json",

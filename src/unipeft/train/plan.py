@@ -96,7 +96,7 @@ def plan_run(options: TrainOptions) -> RunPlan:
     """Every option a run reads, checked before anything loads or is written."""
     from .engines import resolve_engine
     from .methods import check_method, default_lr
-    from .trainer import LoopOptions, check_options
+    from .loop_options import LoopOptions, check_options
 
     method = check_method(options.method)
     _check_values(options)
