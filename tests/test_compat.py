@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, DynamicCache
 
 import families as F
 from unipeft import LoraConfig, compat, get_peft_model
-from unipeft.engine.virtual import body_of
+from unipeft.engine.sites import body_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "unipeft"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from unipeft.engine.checkpoint import KEY_PREFIX, file_key
-from unipeft.engine.model_parts import ModelParts
+from unipeft.engine.model_parts import SharedTensors
 
 
 def test_file_keys_follow_hf_peft_s_layout():
@@ -17,9 +17,9 @@ def test_file_keys_follow_hf_peft_s_layout():
 
 def test_parts_are_frozen_buffers_saved_under_the_tuner_unless_told_not_to():
     a, b = torch.randn(2, 3), torch.randn(4, 2)
-    parts = ModelParts({"vera_A": a, "vera_B": b})
+    parts = SharedTensors({"vera_A": a, "vera_B": b})
     assert list(parts.parameters()) == [] and dict(parts.named_buffers()).keys() == {"vera_A", "vera_B"}
     saved = parts.checkpoint_tensors()
     assert saved.keys() == {"base_model.vera_A", "base_model.vera_B"} and torch.equal(saved["base_model.vera_A"], a)
     assert parts.to(torch.bfloat16).vera_B.dtype == torch.bfloat16  # they move with the model
-    assert ModelParts({"vera_A": a}, saved=False).checkpoint_tensors() == {}
+    assert SharedTensors({"vera_A": a}, saved=False).checkpoint_tensors() == {}

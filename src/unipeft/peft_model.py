@@ -120,9 +120,9 @@ class PeftModel(nn.Module):
     def get_nb_inference_parameters(self) -> tuple[int, int]:
         """(trainable, total) once training-only parts (prefix MLP, P-tuning encoder) are folded away."""
         trainable, total = self.get_nb_trainable_parameters()
-        for prompt in self.base_model.prompt_encoder.values():
-            params = prompt.trainable_parameters()
-            training_only = sum(numel(p) for p in params) - prompt.inference_numel()
+        for part in self.base_model.parts():
+            params = part.trainable_parameters()
+            training_only = sum(numel(p) for p in params) - part.inference_numel()
             total -= training_only
             if any(p.requires_grad for p in params):
                 trainable -= training_only

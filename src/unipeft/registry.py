@@ -44,13 +44,11 @@ class MethodSpec:
     peft_type: str
     config_cls: type
     # Returns the AdapterLayer subclass that wraps `module` for this config, or None if the
-    # method cannot attach to this kind of module. None for methods that add virtual inputs instead.
+    # method cannot attach to this kind of module. None for methods that only add a model part (prompts).
     layer_for: Optional[Callable]
     prefix: str  # start of the parameter names this method adds ("lora_"), for readers and filters
     # model_type -> the modules it adapts when target_modules is not given (HF PEFT's defaults per family)
     default_targets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    # For prompt methods: (model, resolved config) -> engine.virtual.VirtualInput holding its tensors
-    build_virtual: Optional[Callable] = None
     # For union configs (the design space): (config, model) -> the plain method configs it is made of
     components: Optional[Callable] = None
     # (adapter_model, adapter name) -> a term added to the model's loss while the adapter trains
@@ -63,9 +61,10 @@ class MethodSpec:
     load_step_state: Optional[Callable] = None
     # (adapter_model, adapters, weights, new name, combination_type, svd_rank) -> None: PeftModel.add_weighted_adapter
     add_weighted_adapter: Optional[Callable] = None
-    # (model, resolved config, planned layers) -> engine.model_parts.ModelParts: tensors one adapter shares across
-    # all its layers (VeRA's projections), held once per adapter by the AdapterModel; layers reach them in `attach`
-    model_parts: Optional[Callable] = None
+    # (model, resolved config, planned layers) -> engine.model_parts.ModelPart: what one adapter holds once at the
+    # model level (a prompt method's engine.virtual.VirtualInput, VeRA's shared projections); layers reach it in
+    # `attach` through adapter_model.part_of(name)
+    model_part: Optional[Callable] = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

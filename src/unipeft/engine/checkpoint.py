@@ -32,6 +32,10 @@ class CheckpointError(OSError):
     """An adapter file that is missing, unreadable or damaged; the message names the file."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit this model (another base model, another config, a damaged file)."""
+
+
 def _temp_path(final_path: str) -> str:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(final_path) or ".")
     os.close(fd)

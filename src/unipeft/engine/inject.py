@@ -19,16 +19,13 @@ from .layers import (
     BASE, AdapterError, AdapterLayer, AdapterState, ModulesToSaveWrapper, Routing, base_named_modules,
     innermost, logical_name, named_part_tensors, wrapper_of,
 )
+from .checkpoint import CheckpointMismatchError
 from .merge import MergeAndRemove
-from .model_parts import ModelParts
+from .model_parts import PART_HOMES, ModelPart
 from .sharding import numel, plain_copy, shape, whole_parameters
 from .sites import default_targets
 from .targeting import TargetError, find_targets, logical_modules, name_matches
-from .virtual import VirtualInput, VirtualInputs
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's tensors do not fit this model (another base model, another config, a damaged file)."""
+from .virtual import VirtualInputs
 
 
 @dataclass
@@ -46,8 +43,7 @@ class AdapterPlan:
     layers: list[PlannedLayer] = field(default_factory=list)
     heads: dict[str, nn.Module] = field(default_factory=dict)
     target_modules: Any = None
-    virtual: VirtualInput | None = None  # prompt methods: the virtual tokens or prefix
-    model_parts: ModelParts | None = None  # tensors shared by all of the adapter's layers
+    part: ModelPart | None = None  # what the adapter holds at the model level (a prompt, shared tensors)
     resolved_config: Any = None  # the last planned part's config with the model's sizes filled in
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -57,8 +53,6 @@ class AdapterPlan:
             out.update(named_part_tensors(layer.module_name, layer.parts))
         for module_name, head in self.heads.items():
             out.update({f"{module_name}.{k}": v for k, v in head.state_dict(keep_vars=True).items()})
-        if self.model_parts is not None:
-            out.update(self.model_parts.checkpoint_tensors())
         return out
 
 
@@ -76,8 +70,8 @@ class AdapterModel(MergeAndRemove, nn.Module):
         self.model = model
         self.peft_config: dict[str, Any] = {}
         self.adapter_state = AdapterState()
-        self.prompt_encoder = nn.ModuleDict()  # prompt adapters by name (HF PEFT's attribute name)
-        self.model_parts = nn.ModuleDict()  # by adapter name: tensors shared by all of its layers
+        self.prompt_encoder = nn.ModuleDict()  # model parts by adapter name: prompts (HF PEFT's attribute name)
+        self.model_parts = nn.ModuleDict()  # and the others (engine.model_parts.PART_HOMES)
         self.virtual_inputs: VirtualInputs | None = None
         self.method_state: dict[str, Any] = {}  # what a method keeps across steps, by adapter name
         self.add_adapter(adapter_name, config, state_dict, source)
@@ -141,13 +135,15 @@ class AdapterModel(MergeAndRemove, nn.Module):
         if hasattr(config, "resolved"):  # sizes or sites read from the model
             config = config.resolved(self.model)
         plan.resolved_config = config
-        if spec.build_virtual is not None:
-            if plan.virtual is not None:
-                raise AdapterError("one adapter can hold only one prompt-based part")
+        if spec.layer_for is not None:
+            self._plan_layers(plan, spec, config)
+        if spec.model_part is not None:
+            if plan.part is not None:
+                raise AdapterError("one adapter can hold only one model-level part (one prompt-based part)")
             with whole_parameters(self.model.get_input_embeddings()):  # prompts may start from token embeddings
-                plan.virtual = spec.build_virtual(self.model, config).to(*self._model_device_dtype())
-            if spec.layer_for is None:
-                return
+                plan.part = spec.model_part(self.model, config, plan.layers).place(*self._model_device_dtype())
+
+    def _plan_layers(self, plan: AdapterPlan, spec, config) -> None:
         plan.target_modules = targets = config.target_modules or default_targets(self.model, spec.default_targets)
         for module_name in find_targets(
             self.model, targets, exclude_modules=getattr(config, "exclude_modules", None),
@@ -158,10 +154,6 @@ class AdapterModel(MergeAndRemove, nn.Module):
             base = innermost(module)
             with whole_parameters(base):  # sizes and initial values read the base weight (ZeRO-3 partitions it)
                 self._plan_layer(plan, spec, config, module_name, base)
-        if spec.model_parts is not None:
-            if plan.model_parts is not None:
-                raise AdapterError("one adapter can hold only one set of model-level parts")
-            plan.model_parts = spec.model_parts(self.model, config, plan.layers)
 
     @staticmethod
     def _plan_layer(plan: AdapterPlan, spec, config, module_name: str, base: nn.Module) -> None:
@@ -180,9 +172,9 @@ class AdapterModel(MergeAndRemove, nn.Module):
         """Check a checkpoint against the plan and copy it in. Returns base tensors (trained biases,
         embeddings HF PEFT saved) to load after apply."""
         expected = plan.tensors()
-        if plan.virtual is not None:
-            plan.virtual.load_tensors(tensors, source)
-            tensors = {k: v for k, v in tensors.items() if "." in k and not k.startswith("prompt_encoder.")}
+        if plan.part is not None:
+            plan.part.load_tensors({k: v for k, v in tensors.items() if plan.part.owns(k)}, source)
+            tensors = {k: v for k, v in tensors.items() if not plan.part.owns(k)}
         base_tensors = {}
         for key, value in tensors.items():
             target = expected.get(key)
@@ -237,13 +229,11 @@ class AdapterModel(MergeAndRemove, nn.Module):
 
     def apply_plan(self, plan: AdapterPlan) -> None:
         existing = {id(m) for m in self.model.modules()}
-        if plan.virtual is not None:  # first: adapter layers may read it when attached
-            plan.virtual.adapter_state = self.adapter_state
-            self.prompt_encoder[plan.name] = plan.virtual
-            if self.virtual_inputs is None:
+        if plan.part is not None:  # first: adapter layers reach it when attached
+            plan.part.adapter_state = self.adapter_state
+            getattr(self, plan.part.home)[plan.name] = plan.part
+            if len(self.prompt_encoder) and self.virtual_inputs is None:
                 self.virtual_inputs = VirtualInputs(self.model, self.adapter_state, self.prompt_encoder)
-        if plan.model_parts is not None:  # before the layers too, which reach them in attach
-            self.model_parts[plan.name] = plan.model_parts
         for planned in plan.layers:
             outer = self.model.get_submodule(planned.module_name)
             module = wrapper_of(outer, planned.layer_cls)
@@ -258,7 +248,7 @@ class AdapterModel(MergeAndRemove, nn.Module):
                 module = ModulesToSaveWrapper(module, self.adapter_state)
                 self.model.set_submodule(module_name, module)
             module.add_adapter(plan.name, head)
-        if plan.virtual is None and getattr(plan.config, "target_modules", ()) is None:
+        if plan.target_modules is not None and getattr(plan.config, "target_modules", ()) is None:
             plan.config.target_modules = list(plan.target_modules)  # record the family default, as PEFT does
         self.peft_config[plan.name] = plan.config
         self._follow_mode(existing)
@@ -270,8 +260,8 @@ class AdapterModel(MergeAndRemove, nn.Module):
         for module in self.modules():
             if id(module) not in existing:
                 module.training = mode
-        for prompt in self.prompt_encoder.values():
-            prompt.train(mode)  # a method may keep frozen parts in eval mode (IDPG's sentence encoder)
+        for part in self.parts():
+            part.train(mode)  # a method may keep frozen parts in eval mode (IDPG's sentence encoder)
 
     def add_adapter(self, name: str, config, state_dict: dict | None = None, source: str = "state_dict") -> None:
         plan = self.plan(name, config)
@@ -307,10 +297,9 @@ class AdapterModel(MergeAndRemove, nn.Module):
         """Everything adapter `name` owns, keyed as in the checkpoint (adapter name stripped); `saving`
         gives what the file holds, which a method may prune (AdaLoRA drops its masked ranks)."""
         out: dict[str, torch.Tensor] = {}
-        if name in self.prompt_encoder:
-            out.update(self.prompt_encoder[name].checkpoint_tensors())
-        if name in self.model_parts:
-            out.update(self.model_parts[name].checkpoint_tensors())
+        part = self.part_of(name)
+        if part is not None:
+            out.update(part.checkpoint_tensors())
         bias = getattr(self.peft_config[name], "bias", "none")
         for module_name, module in self.adapter_layers():
             if isinstance(module, AdapterLayer) and name in module.hparams:
@@ -328,13 +317,20 @@ class AdapterModel(MergeAndRemove, nn.Module):
 
     def training_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """What adapter `name` needs beyond its checkpoint to resume training (reparameterisation networks)."""
-        return self.prompt_encoder[name].training_tensors() if name in self.prompt_encoder else {}
+        part = self.part_of(name)
+        return part.training_tensors() if part is not None else {}
 
     def trainable_tensors(self, name: str) -> list[torch.Tensor]:
-        tensors = list(self.adapter_tensors(name).values())
-        if name in self.prompt_encoder:
-            tensors += self.prompt_encoder[name].trainable_parameters()
-        return tensors
+        part = self.part_of(name)
+        return list(self.adapter_tensors(name).values()) + (part.trainable_parameters() if part is not None else [])
+
+    def part_of(self, name: str) -> ModelPart | None:
+        """Adapter `name`'s model-level part (engine.model_parts), if it has one."""
+        return next((getattr(self, home)[name] for home in PART_HOMES if name in getattr(self, home)), None)
+
+    def parts(self) -> Iterator[ModelPart]:
+        for home in PART_HOMES:
+            yield from getattr(self, home).values()
 
     def set_adapter(self, names) -> None:
         names = [names] if isinstance(names, str) else list(names)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .layers import AdapterError, AdapterLayer
+from .model_parts import PART_HOMES
 from .sharding import whole_parameters
 
 
@@ -63,13 +64,15 @@ class MergeAndRemove:
         self.peft_config.clear()
         self.method_state.clear()
         self.adapter_state.active = []
-        self._drop_prompts(list(self.prompt_encoder))
-        self.model_parts.clear()
+        for home in PART_HOMES:
+            for name in list(getattr(self, home)):
+                self._drop_part(name)
         return self.model
 
-    def _drop_prompts(self, names: list[str]) -> None:
-        for name in names:
-            del self.prompt_encoder[name]
+    def _drop_part(self, name: str) -> None:
+        for home in PART_HOMES:
+            if name in getattr(self, home):
+                del getattr(self, home)[name]
         if not len(self.prompt_encoder) and self.virtual_inputs is not None:
             self.virtual_inputs.remove()
             self.virtual_inputs = None
@@ -85,9 +88,7 @@ class MergeAndRemove:
                 self.model.set_submodule(module_name, inner)
         del self.peft_config[name]
         self.method_state.pop(name, None)
-        self._drop_prompts([name] if name in self.prompt_encoder else [])
-        if name in self.model_parts:
-            del self.model_parts[name]
+        self._drop_part(name)
         state = self.adapter_state
         state.active = [n for n in state.active if n != name] or list(self.peft_config)[:1]
         self.refresh_trainable()

@@ -9,8 +9,13 @@
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
+
+import torch.nn as nn
+
+from .layers import AdapterError
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,6 @@ def block_container_names(model) -> tuple[str, ...]:
 def block_stacks(model, root=None) -> list[tuple[str, Any]]:
     """(path, ModuleList) of every stack of transformer blocks under `root` (default: the whole model; encoder
     and decoder are two stacks), in model order; paths are relative to `root`."""
-    import torch.nn as nn
-
     for name in block_container_names(model):
         stacks = [(path, module) for path, module in (root if root is not None else model).named_modules()
                   if isinstance(module, nn.ModuleList) and path.split(".")[-1] == name and "base_layer" not in path]
@@ -167,3 +170,32 @@ def block_sites_of(model, needed_by: str) -> BlockSites:
         raise ConfigError(f"{needed_by} needs the block sites (attention and FFN modules) of model_type "
                           f"{model_type_of(model)!r}, which are not known; supported: {sorted(FAMILIES)}")
     return family.block
+
+
+def blocks_of(model: nn.Module, body: nn.Module) -> nn.ModuleList:
+    """The transformer blocks inside `body` (the encoder for seq2seq), found by the family's container name."""
+    stacks = block_stacks(model, body)
+    if not stacks:
+        raise AdapterError(f"cannot find the transformer blocks of {type(body).__name__} (looked for "
+                           f"{', '.join(block_container_names(model))})")
+    return stacks[0][1]
+
+
+def _accepts(module: nn.Module, *names: str) -> bool:
+    parameters = inspect.signature(module.forward).parameters
+    return all(name in parameters for name in names)
+
+
+def body_of(model: nn.Module) -> nn.Module:
+    """The module that turns token ids into hidden states: the innermost one on the path to the input
+    embeddings whose forward takes `inputs_embeds` and `attention_mask` (e.g. OPT's decoder, which its
+    causal-LM class calls directly, or BERT's `bert`)."""
+    embeddings = model.get_input_embeddings()
+    path = next((name for name, module in model.named_modules() if module is embeddings), None)
+    if path:
+        parts = path.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            module = model.get_submodule(".".join(parts[:depth]))
+            if _accepts(module, "inputs_embeds", "attention_mask"):
+                return module
+    return getattr(model, "base_model", model)

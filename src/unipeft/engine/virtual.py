@@ -34,25 +34,32 @@ import torch.nn as nn
 
 from .. import compat
 from .layers import AdapterError, AdapterState
+from .model_parts import ModelPart
+from .prefix_cache import batched, expand_rows, fill_cache, frozen_cache, take_cache
+from .sites import blocks_of, body_of
 from .prefix_attention import (
     CROSS, DECODER_SELF, ENCODER_PREFIX, ENCODER_SELF, grow_mask, hook_encoder_attention, sites_of,
 )
-from .sharding import numel
 
 TOKENS, PREFIX = "tokens", "prefix"
 SIDE = "side"  # read by the method's own adapter layers; never inserted into the input or the cache
+PROMPT_ENCODER_KEY = "prompt_encoder."  # checkpoint keys of a prompt's networks
 _TAG = "unipeft_virtual_tokens"  # set on a cache whose first positions are virtual
 
 
-class VirtualInput(nn.Module):
+class VirtualInput(ModelPart):
     """What a prompt method supplies: its kind, its length and the tensors to insert."""
 
+    home = "prompt_encoder"  # HF PEFT's name for where prompt methods keep their modules
     kind: str = TOKENS
     num_virtual: int = 0
     per_instance = False  # tokens depend on the input (IDPG): generate() computes them once per call
     deep = False  # tokens for every block (M-IDPG): tokens() returns [1 or B, blocks, t, d]
     shallow_option = ""  # a deep prompt's config setting for one prompt at the input, for error messages
     adapter_state: AdapterState | None = None  # the model's shared state, set when the adapter is added
+
+    def owns(self, key: str) -> bool:
+        return "." not in key or key.startswith(PROMPT_ENCODER_KEY)  # prompt_embeddings, prompt_encoder.*
 
     def tokens(self, inputs: dict[str, Any]) -> torch.Tensor:
         """[1 or B, t, d] vectors prepended to the input embeddings (kind TOKENS). A deep prompt gives one
@@ -63,70 +70,6 @@ class VirtualInput(nn.Module):
         """Per attention site ("decoder_self", and in encoder-decoder models optionally "encoder_self" and
         "cross"; see `prefix_attention`), per layer (key, value), each [1, kv_heads, t, head_dim] (kind PREFIX)."""
         raise NotImplementedError
-
-    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """The inference form in Hugging Face PEFT's layout (`prompt_embeddings`)."""
-        raise NotImplementedError
-
-    def training_tensors(self) -> dict[str, torch.Tensor]:
-        """What the inference form loses and training needs to resume (reparameterisation networks)."""
-        return {}
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        raise NotImplementedError
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """What training updates: every parameter, unless a method holds frozen modules (IDPG's encoder)."""
-        return list(self.parameters())
-
-    def inference_numel(self) -> int:
-        """Trainable parameters still needed after training (the training-only networks folded away)."""
-        return sum(numel(p) for p in self.trainable_parameters())
-
-
-def _frozen_cache(self_prefix, encoder_decoder: bool, cross_prefix=None):
-    """Prefixes as (key, value) per layer, or None for a site without one."""
-    layers = len(self_prefix or cross_prefix)
-    self_cache = compat.frozen_prefix_cache(self_prefix or [(None, None)] * layers)
-    if not encoder_decoder:
-        return self_cache
-    cross_cache = compat.frozen_prefix_cache(cross_prefix or [(None, None)] * layers)
-    return compat.encoder_decoder_cache(self_cache, cross_cache, recompute_cross=True)
-
-
-def _fill_cache(cache, self_prefix, cross_prefix=None) -> None:
-    """Put the prefixes in an empty cache. A cross-attention layer that holds its prefix but is not marked
-    updated gets the encoder keys appended on the first decoder call and reuses [prefix; encoder] after."""
-    halves = compat.cache_halves(cache)
-    if halves is not None:
-        targets = ((halves[0], self_prefix), (halves[1], cross_prefix))
-    elif cross_prefix:
-        raise AdapterError(
-            f"a cross-attention prefix needs an EncoderDecoderCache, got {type(cache).__name__}; pass none and "
-            f"the model makes one"
-        )
-    else:
-        targets = ((cache, self_prefix),)
-    for target, prefix in targets:
-        for layer_idx, (key, value) in enumerate(prefix or ()):
-            target.update(key, value, layer_idx)
-
-
-def expand_rows(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    """[1 or b, ...] -> [batch, ...]; a batch k times longer repeats each row k times (beam search)."""
-    rows = tensor.shape[0]
-    if rows == batch:
-        return tensor
-    if rows == 1:
-        return tensor.expand(batch, *tensor.shape[1:])
-    if batch % rows:
-        raise AdapterError(f"virtual tokens were made for {rows} rows but the model saw a batch of {batch}")
-    return tensor.repeat_interleave(batch // rows, dim=0)
-
-
-def _batched(pairs, batch: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (key, value) prefixes expanded to the call's batch and cast to its compute dtype."""
-    return [(expand_rows(k, batch).to(dtype), expand_rows(v, batch).to(dtype)) for k, v in pairs]
 
 
 def _prepend(kwargs: dict, key: str, count: int, value) -> None:
@@ -264,7 +207,7 @@ class VirtualInputs:
 
     def _insert(self, module, name, prompt, kwargs, mask_key, position_key):
         count = prompt.num_virtual
-        cache_key, cache = _take_cache(module, kwargs)
+        cache_key, cache = take_cache(module, kwargs)
         seen = cache.get_seq_length() if cache is not None else 0
         if seen:  # a continuing call: the cache already holds the virtual positions
             if getattr(cache, _TAG, None) != count:
@@ -307,7 +250,7 @@ class VirtualInputs:
         batch = _batch_size(kwargs)
         dtype = _compute_dtype(module)
         sites = prompt.prefix()
-        self_prefix, cross_prefix = (_batched(sites[site], batch, dtype) if site in sites else None
+        self_prefix, cross_prefix = (batched(sites[site], batch, dtype) if site in sites else None
                                      for site in (DECODER_SELF, CROSS))
         use_cache = kwargs.get("use_cache")
         use_cache = getattr(self.model.config, "use_cache", False) if use_cache is None else use_cache
@@ -315,10 +258,10 @@ class VirtualInputs:
             cache = compat.empty_cache(self.model.config, self.encoder_decoder)
         if cache is None:  # a later call may pass it back with the whole sequence again (generate without cache)
             self._check_checkpointing(module)
-            cache = _frozen_cache(self_prefix, self.encoder_decoder, cross_prefix)
+            cache = frozen_cache(self_prefix, self.encoder_decoder, cross_prefix)
             compat.allow_checkpointing_with_cache(module, True)
         else:
-            _fill_cache(cache, self_prefix, cross_prefix)
+            fill_cache(cache, self_prefix, cross_prefix)
         setattr(cache, _TAG, prompt.num_virtual)
         return cache
 
@@ -383,10 +326,10 @@ class VirtualInputs:
             _prepend(kwargs, "attention_mask", prompt.num_virtual, 1)
         elif ENCODER_SELF in sites_of(prompt):
             hook_encoder_attention(module, self._handles)
-            prefix = _batched(prompt.prefix()[ENCODER_SELF], _batch_size(kwargs), _compute_dtype(module))
+            prefix = batched(prompt.prefix()[ENCODER_SELF], _batch_size(kwargs), _compute_dtype(module))
             ids = kwargs.get("input_ids")
             grow_mask(kwargs, "attention_mask", ids if ids is not None else kwargs.get("inputs_embeds"), prompt.num_virtual)
-            kwargs[ENCODER_PREFIX] = _frozen_cache(prefix, encoder_decoder=False)
+            kwargs[ENCODER_PREFIX] = frozen_cache(prefix, encoder_decoder=False)
         return kwargs
 
     def _before_decoder(self, module, kwargs: dict) -> dict:
@@ -406,7 +349,7 @@ class VirtualInputs:
             kwargs, _ = self._insert(module, name, prompt, kwargs, mask_key="attention_mask",
                                      position_key="position_ids")
         elif CROSS in sites:  # only the cross-attention cache holds virtual positions: decoder mask and positions stay
-            cache_key, cache = _take_cache(module, kwargs)
+            cache_key, cache = take_cache(module, kwargs)
             if cache is None or not cache.get_seq_length():
                 kwargs[cache_key] = self._prefix_cache(module, prompt, kwargs, cache)
             elif getattr(cache, _TAG, None) != prompt.num_virtual:
@@ -415,29 +358,6 @@ class VirtualInputs:
                     f"cache (or none) so its cross-attention prefix is added first"
                 )
         return kwargs
-
-
-def _take_cache(module: nn.Module, kwargs: dict) -> tuple[str | None, Any]:
-    """The module's cache keyword and the cache of this call (moved under that keyword if the caller spelled it
-    differently, so the module's deprecation path is never taken)."""
-    key = compat.cache_keyword(module)
-    cache = compat.call_cache(kwargs)
-    for name in compat.CACHE_KEYWORDS:
-        kwargs.pop(name, None)
-    if key is not None:
-        kwargs[key] = cache
-    return key, cache
-
-
-def blocks_of(model: nn.Module, body: nn.Module) -> nn.ModuleList:
-    """The transformer blocks inside `body` (the encoder for seq2seq), found by the family's container name."""
-    from .sites import block_container_names, block_stacks
-
-    stacks = block_stacks(model, body)
-    if not stacks:
-        raise AdapterError(f"cannot find the transformer blocks of {type(body).__name__} (looked for "
-                           f"{', '.join(block_container_names(model))})")
-    return stacks[0][1]
 
 
 def _sequence_length(kwargs: dict) -> int | None:
@@ -461,27 +381,3 @@ def _compute_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _accepts(module: nn.Module, *names: str) -> bool:
-    parameters = inspect.signature(module.forward).parameters
-    return all(name in parameters for name in names)
-
-
-def body_of(model: nn.Module) -> nn.Module:
-    """The module that turns token ids into hidden states: the innermost one on the path to the input
-    embeddings whose forward takes `inputs_embeds` and `attention_mask` (e.g. OPT's decoder, which its
-    causal-LM class calls directly, or BERT's `bert`)."""
-    embeddings = model.get_input_embeddings()
-    path = next((name for name, module in model.named_modules() if module is embeddings), None)
-    if path:
-        parts = path.split(".")
-        for depth in range(len(parts) - 1, -1, -1):
-            module = model.get_submodule(".".join(parts[:depth]))
-            if _accepts(module, "inputs_embeds", "attention_mask"):
-                return module
-    return getattr(model, "base_model", model)
-
-
-def supports_cache(model: nn.Module) -> bool:
-    """Whether the model's attention reads keys/values from a cache (prefix tuning needs it)."""
-    module = model.get_decoder() if getattr(model.config, "is_encoder_decoder", False) else body_of(model)
-    return compat.cache_keyword(module) is not None

@@ -64,7 +64,7 @@ class CrossPrefixConfig(PrefixTuningConfig):
         return config
 
 
-def build_side_prefix(model: nn.Module, config: CrossPrefixConfig) -> PrefixKeysValues:
+def build_side_prefix(model: nn.Module, config: CrossPrefixConfig, layers=()) -> PrefixKeysValues:
     prefix = PrefixKeysValues(config, {SIDE_SITE: config.num_layers})
     prefix.kind = SIDE
     return prefix
@@ -91,7 +91,7 @@ class CrossPrefixLayer(CapturingLayer):
     def attach(self, adapter_model: nn.Module) -> None:
         super().attach(adapter_model)
         for name, hp in self.hparams.items():
-            self._prompts[name] = adapter_model.prompt_encoder[name]
+            self._prompts[name] = adapter_model.part_of(name)
             hp["query_module"] = innermost(adapter_model.model.get_submodule(hp["query"]))
 
     def remove_adapter(self, name: str) -> None:
@@ -128,4 +128,4 @@ def cross_prefix_layer_for(module: nn.Module, config: CrossPrefixConfig):
 
 
 register_method(MethodSpec("CROSS_PREFIX", CrossPrefixConfig, cross_prefix_layer_for, "prefix_",
-                           build_virtual=build_side_prefix))
+                           model_part=build_side_prefix))

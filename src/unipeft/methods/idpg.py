@@ -32,11 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from ..engine.inject import CheckpointMismatchError
+from ..engine.checkpoint import CheckpointMismatchError
+from ..engine.model_parts import check_and_copy
 from ..engine.layers import AdapterError
-from ..engine.virtual import TOKENS, VirtualInput, blocks_of, body_of
+from ..engine.sites import blocks_of, body_of
+from ..engine.virtual import TOKENS, VirtualInput
 from ..registry import Knobs, MethodSpec, Preset, register_method, register_preset
-from .prompt import PromptLearningConfig, _model_dim, check_and_copy
+from .prompt import PromptLearningConfig, _model_dim
 
 __all__ = ["IDPGConfig"]
 
@@ -270,7 +272,7 @@ def _check_phm(n: int | None, layers: dict[str, tuple[int, int]]) -> None:
             )
 
 
-def build_idpg(model: nn.Module, config: IDPGConfig) -> InstancePrompts:
+def build_idpg(model: nn.Module, config: IDPGConfig, layers=()) -> InstancePrompts:
     if config.sentence_encoder == SELF:
         encoder, encoder_dim, what = None, config.token_dim, "sentence_encoder='self' (the base model)"
     else:
@@ -288,7 +290,7 @@ def build_idpg(model: nn.Module, config: IDPGConfig) -> InstancePrompts:
     return InstancePrompts(model, config, encoder, encoder_dim).train(model.training)
 
 
-register_method(MethodSpec("IDPG", IDPGConfig, None, "prompt_", build_virtual=build_idpg))
+register_method(MethodSpec("IDPG", IDPGConfig, None, "prompt_", model_part=build_idpg))
 
 
 def _idpg(knobs: Knobs, learn_encoder_prompt: bool = False) -> IDPGConfig:

@@ -36,7 +36,8 @@ import torch.nn as nn
 
 from ..config import ConfigError
 from ..engine.prefix_attention import CROSS, DECODER_SELF, ENCODER_SELF, PREFIX_SITES, attention_layers
-from ..engine.virtual import PREFIX, supports_cache
+from ..engine.prefix_cache import supports_cache
+from ..engine.virtual import PREFIX
 from ..registry import MethodSpec, Preset, register_method, register_preset
 from .prompt import PromptLearningConfig, VirtualPrompt
 
@@ -160,7 +161,7 @@ class PrefixKeysValues(VirtualPrompt):
         return out
 
 
-def build_prefix(model: nn.Module, config: PrefixTuningConfig) -> PrefixKeysValues:
+def build_prefix(model: nn.Module, config: PrefixTuningConfig, layers=()) -> PrefixKeysValues:
     if not supports_cache(model):
         raise ConfigError(
             f"prefix tuning needs attention that reads a key/value cache, and {type(model).__name__}'s takes none; "
@@ -188,7 +189,7 @@ def build_prefix(model: nn.Module, config: PrefixTuningConfig) -> PrefixKeysValu
     return PrefixKeysValues(config, site_layers)
 
 
-register_method(MethodSpec("PREFIX_TUNING", PrefixTuningConfig, None, "prompt_", build_virtual=build_prefix))
+register_method(MethodSpec("PREFIX_TUNING", PrefixTuningConfig, None, "prompt_", model_part=build_prefix))
 
 
 register_preset(Preset("prefix", 1e-1, lambda k: PrefixTuningConfig(

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError, PeftConfig
-from ..engine.inject import CheckpointMismatchError
+from ..engine.checkpoint import CheckpointMismatchError
+from ..engine.model_parts import check_and_copy
 from ..engine.virtual import TOKENS, VirtualInput
 from ..registry import MethodSpec, Preset, register_method, register_preset
 
@@ -144,25 +145,6 @@ class VirtualPrompt(VirtualInput):
             self.embedding.weight.copy_(flat)
 
 
-def check_and_copy(expected: dict, found: dict, source: str, prefix: str = "") -> None:
-    """Copy checkpoint tensors into a prompt method's own, after checking names and shapes."""
-    if set(expected) != set(found):
-        raise CheckpointMismatchError(
-            f"{source}: tensors {sorted(prefix + k for k in set(found) - set(expected))} are not made by this config "
-            f"and {sorted(prefix + k for k in set(expected) - set(found))} are missing; the adapter was saved with "
-            f"another config"
-        )
-    for key, target in expected.items():
-        if tuple(found[key].shape) != tuple(target.shape):
-            raise CheckpointMismatchError(
-                f"{source}: {prefix}{key} has shape {tuple(found[key].shape)}, this model and config need "
-                f"{tuple(target.shape)}; the adapter was saved for another base model or config"
-            )
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(found[key])
-
-
 class PromptTokens(VirtualPrompt):
     """Prompt tuning and P-tuning: the first `num_virtual_tokens` rows are prepended to the input."""
 
@@ -211,7 +193,7 @@ def _initial_token_ids(config: PromptTuningConfig, rows: int, vocab: int) -> tor
     return torch.tensor((ids * (rows // len(ids) + 1))[:rows])  # repeat the text to fill every row
 
 
-def build_prompt_tuning(model: nn.Module, config: PromptTuningConfig) -> PromptTokens:
+def build_prompt_tuning(model: nn.Module, config: PromptTuningConfig, layers=()) -> PromptTokens:
     rows = config.num_virtual_tokens * config.num_transformer_submodules
     prompt = PromptTokens(config.num_virtual_tokens, rows, config.token_dim)
     embeddings = model.get_input_embeddings()
@@ -252,7 +234,7 @@ class _LstmHead(nn.Module):
         return self.mlp_head(self.lstm_head(x.unsqueeze(0))[0][0])
 
 
-def build_p_tuning(model: nn.Module, config: PromptEncoderConfig) -> PromptTokens:
+def build_p_tuning(model: nn.Module, config: PromptEncoderConfig, layers=()) -> PromptTokens:
     dim = config.token_dim
     hidden = config.encoder_hidden_size or dim
     if config.encoder_reparameterization_type == PromptEncoderReparameterizationType.LSTM:
@@ -263,8 +245,8 @@ def build_p_tuning(model: nn.Module, config: PromptEncoderConfig) -> PromptToken
     return PromptTokens(config.num_virtual_tokens, rows, dim, None if config.inference_mode else encoder)
 
 
-register_method(MethodSpec("PROMPT_TUNING", PromptTuningConfig, None, "prompt_", build_virtual=build_prompt_tuning))
-register_method(MethodSpec("P_TUNING", PromptEncoderConfig, None, "prompt_", build_virtual=build_p_tuning))
+register_method(MethodSpec("PROMPT_TUNING", PromptTuningConfig, None, "prompt_", model_part=build_prompt_tuning))
+register_method(MethodSpec("P_TUNING", PromptEncoderConfig, None, "prompt_", model_part=build_p_tuning))
 
 
 # Prompt methods move a few vectors a long way: they need a far larger step than weight-level methods.

@@ -3,7 +3,7 @@ adapted layer, and per layer two trained vectors that scale them: ΔW = diag(λ_
 at init so training starts at W and λ_d = d_initial.
 
 A and B are drawn once per adapter from `projection_prng_key`, as large as the widest adapted layer; each
-layer reads the top-left slice it needs. They are model-level parts (`MethodSpec.model_parts`): saved as
+layer reads the top-left slice it needs. They are model-level parts (`MethodSpec.model_part`): saved as
 `base_model.vera_A` / `base_model.vera_B` unless `save_projection=False`, per-layer vectors as
 `<module>.vera_lambda_b` / `vera_lambda_d`. Config fields, initialisation and keys are HF PEFT's.
 """
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..compat import is_conv1d
 from ..config import ConfigError, PeftConfig
 from ..engine.layers import AdapterLayer
-from ..engine.model_parts import ModelParts
+from ..engine.model_parts import SharedTensors
 from ..registry import MethodSpec, Preset, register_method, register_preset
 from .lora import DEFAULT_TARGETS as LORA_TARGETS  # HF PEFT's VeRA defaults are LoRA's (query and value)
 
@@ -61,7 +61,7 @@ def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torc
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-def projections(model: nn.Module, config: VeraConfig, layers) -> ModelParts:
+def projections(model: nn.Module, config: VeraConfig, layers) -> SharedTensors:
     """A [r, widest input] and B [widest output, r], the same for the same key on any machine."""
     widest_in = max(layer.hparams["in_features"] for layer in layers)
     widest_out = max(layer.hparams["out_features"] for layer in layers)
@@ -69,7 +69,7 @@ def projections(model: nn.Module, config: VeraConfig, layers) -> ModelParts:
     vera_a = _kaiming_uniform((config.r, widest_in), generator)
     vera_b = _kaiming_uniform((widest_out, config.r), generator)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return ModelParts({"vera_A": vera_a.to(device), "vera_B": vera_b.to(device)}, saved=config.save_projection)
+    return SharedTensors({"vera_A": vera_a.to(device), "vera_B": vera_b.to(device)}, saved=config.save_projection)
 
 
 class VeraLinear(AdapterLayer):
@@ -110,7 +110,7 @@ def vera_layer_for(module: nn.Module, config: VeraConfig):
     return VeraLinear if isinstance(module, nn.Linear) or is_conv1d(module) else None
 
 
-register_method(MethodSpec("VERA", VeraConfig, vera_layer_for, "vera_", LORA_TARGETS, model_parts=projections))
+register_method(MethodSpec("VERA", VeraConfig, vera_layer_for, "vera_", LORA_TARGETS, model_part=projections))
 
 register_preset(Preset("vera", 1e-2, lambda k: VeraConfig(task_type=k.task_type, r=256, target_modules=k.target_modules),
                        "VeRA: trained scalings of a shared frozen random pair"))
