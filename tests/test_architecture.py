@@ -82,3 +82,29 @@ def test_every_default_target_table_covers_every_supported_family():
     tables = {t: get_method(t).default_targets for t in known_peft_types() if get_method(t).default_targets}
     assert {"LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT"} <= set(tables)
     assert {t: sorted(set(FAMILIES) ^ set(table)) for t, table in tables.items() if set(table) != set(FAMILIES)} == {}
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60  # issue 18's targets: short files of one purpose, short functions
+
+
+def long_functions(source: str) -> list[tuple[str, int]]:
+    """(name, lines) of each function over MAX_FUNCTION_LINES, argument tables (add_*_parser) excepted."""
+    return [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+            and not re.fullmatch(r"add_\w+_parser", node.name)]
+
+
+def test_long_functions_counts_lines_and_spares_argument_tables():
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    source = f"def long():\n{body}\n\ndef add_train_parser():\n{body}\n\ndef short():\n    pass\n"
+    assert long_functions(source) == [("long", MAX_FUNCTION_LINES + 1)]
+
+
+def test_source_files_and_functions_stay_short():
+    too_long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
+                if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_FILE_LINES}
+    assert not too_long, f"files over {MAX_FILE_LINES} lines: {too_long}"
+    functions = {str(p.relative_to(SRC)): found for p in SRC.rglob("*.py")
+                 if (found := long_functions(p.read_text(encoding="utf-8")))}
+    assert not functions, f"functions over {MAX_FUNCTION_LINES} lines: {functions}"
