@@ -93,14 +93,14 @@ def test_rank_and_alpha_patterns_set_per_layer_shapes_and_scaling():
     layers = dict((n.removeprefix("base_model.model."), m) for n, m in pm.named_modules() if isinstance(m, AdapterLayer))
     assert layers["model.layers.1.self_attn.q_proj"].lora_A["default"].weight.shape[0] == 2
     assert layers["model.layers.0.self_attn.q_proj"].lora_A["default"].weight.shape[0] == 4
-    assert layers["model.layers.1.self_attn.q_proj"].hparams["default"]["scaling"] == 8 / 2
-    assert layers["model.layers.0.self_attn.v_proj"].hparams["default"]["scaling"] == 1 / 4
+    assert layers["model.layers.1.self_attn.q_proj"].hparams["default"].scaling == 8 / 2
+    assert layers["model.layers.0.self_attn.v_proj"].hparams["default"].scaling == 1 / 4
 
 
 def test_rslora_scaling():
     pm = get_peft_model(F.make_model("llama", "CAUSAL_LM"), LoraConfig(r=16, lora_alpha=8, use_rslora=True))
     layer = next(m for m in pm.modules() if isinstance(m, AdapterLayer))
-    assert layer.hparams["default"]["scaling"] == 8 / 4
+    assert layer.hparams["default"].scaling == 8 / 4
 
 
 def test_lora_forward_equals_explicit_formula():

@@ -60,9 +60,9 @@ def test_equals_the_base_with_rotated_weights(family, task, variant):
     with torch.no_grad():
         for name, module in peft_model.get_base_model().named_modules():
             if hasattr(module, "oft_R"):
-                b = module.hparams["default"]["block"]
+                b = module.hparams["default"].block
                 blocks, q = expected_blocks(module.oft_R["default"].weight, b, variant)
-                m = torch.block_diag(*blocks.expand(module.hparams["default"]["r"], -1, -1))
+                m = torch.block_diag(*blocks.expand(module.hparams["default"].r, -1, -1))
                 if not VARIANTS[variant].get("use_cayley_neumann", True):
                     torch.testing.assert_close(m.t() @ m, torch.eye(len(m), dtype=m.dtype), rtol=0, atol=1e-5)
                 target = edited.get_submodule(name)  # y = (xM)Wᵀ: Linear W ← W Mᵀ, Conv1D ([in, out]) W ← M W

@@ -105,7 +105,7 @@ def test_cross_attn_noln_equals_the_models_own_attention_over_the_prefix_alone(f
             continue
         seen = {}
         model = concat.get_base_model()
-        hooks = [model.get_submodule(wrapped.hparams["default"]["capture"]).register_forward_pre_hook(
+        hooks = [model.get_submodule(wrapped.hparams["default"].capture).register_forward_pre_hook(
                      lambda m, args, kwargs: _first(seen, "x", args[0] if args else kwargs["hidden_states"]),
                      with_kwargs=True),
                  model.get_submodule(name).register_forward_hook(lambda m, a, out: _first(seen, "o", out))]
@@ -128,8 +128,8 @@ def test_query_is_read_from_fused_projections_as_the_model_splits_it(family):
     wrapped = next(m for m in peft.get_base_model().modules() if type(m).__name__ == "CrossPrefixLayer")
     hp = wrapped.hparams["default"]
     x = torch.randn(2, 5, 32)
-    fused = hp["query_module"](x)
-    attention = peft.get_base_model().get_submodule(hp["capture"])
+    fused = hp.query_module(x)
+    attention = peft.get_base_model().get_submodule(hp.capture)
     if family == "gpt2":
         expected = fused.split(attention.split_size, dim=2)[0]
     elif family == "bloom":
@@ -140,14 +140,14 @@ def test_query_is_read_from_fused_projections_as_the_model_splits_it(family):
     prefix = peft.base_model.prompt_encoder["default"]
     with torch.no_grad():
         prefix.embedding.weight.zero_()
-    heads, head_dim = hp["heads"], hp["head_dim"]
+    heads, head_dim = hp.heads, hp.head_dim
     q_heads = expected.view(2, 5, heads, head_dim)
     keys = torch.randn(heads, 2, head_dim)
     values = torch.randn(heads, 2, head_dim)
     flat = torch.stack([keys, values]).permute(2, 0, 1, 3)  # [t, 2, heads, head_dim] for layer 0
     with torch.no_grad():
         rows = prefix.embedding.weight.view(2, -1, heads, head_dim)
-        layer = hp["layer"]
+        layer = hp.layer
         rows[:, 2 * layer] = flat[:, 0]
         rows[:, 2 * layer + 1] = flat[:, 1]
     scores = torch.einsum("bthd,hld->bhtl", q_heads, keys) / head_dim ** 0.5

@@ -2,7 +2,7 @@
 
 A block-level method wraps the projection at the end of a site and needs the site's input (or the
 residual stream). `CapturingLayer` registers a forward pre-hook on each module named in its adapters'
-`hparams["capture"]`, keeps the tensor for the rest of the forward, and removes the hooks when detached.
+`hparams[name].capture`, keeps the tensor for the rest of the forward, and removes the hooks when detached.
 Hooks sit on the innermost module, which stays in the model while wrappers of other methods come and go.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ class CapturingLayer(AdapterLayer):
 
     def attach(self, adapter_model: nn.Module) -> None:
         for hp in self.hparams.values():
-            path = hp.get("capture")
+            path = getattr(hp, "capture", None)
             if path is not None and path not in self._hooks:
                 target = innermost(adapter_model.model.get_submodule(path))
                 self._hooks[path] = target.register_forward_pre_hook(self._capturer(path), with_kwargs=True)
@@ -51,6 +51,6 @@ class CapturingLayer(AdapterLayer):
 
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
-        still_read = {hp.get("capture") for hp in self.hparams.values()}
+        still_read = {getattr(hp, "capture", None) for hp in self.hparams.values()}
         for path in [p for p in self._hooks if p not in still_read]:
             self._hooks.pop(path).remove()

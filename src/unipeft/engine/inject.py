@@ -33,7 +33,7 @@ class PlannedLayer:
     module_name: str
     layer_cls: type
     parts: dict[str, Any]
-    hparams: dict[str, Any]
+    hparams: Any  # the method's hyperparameter dataclass
 
 
 @dataclass

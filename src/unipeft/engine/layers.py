@@ -81,13 +81,14 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.adapter_state = state
         self.part_names: list[str] = []
-        self.hparams: dict[str, dict[str, Any]] = {}
+        self.hparams: dict[str, Any] = {}  # adapter name -> the method's own hyperparameter dataclass
         self.merged_adapters: list[str] = []
 
     # ---- what a method supplies ----------------------------------------------------------------
     @classmethod
-    def make_parts(cls, base_layer: nn.Module, config, module_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        """New tensors of one adapter (modules or parameters by part name) and its hyperparameters."""
+    def make_parts(cls, base_layer: nn.Module, config, module_name: str) -> tuple[dict[str, Any], Any]:
+        """New tensors of one adapter (modules or parameters by part name) and its hyperparameters (a dataclass
+        of the method's, e.g. LoraHparams; None when it has none)."""
         raise NotImplementedError
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +130,7 @@ class AdapterLayer(nn.Module):
         """What the checkpoint holds of adapter `name`: its parts, unless the method prunes them (AdaLoRA)."""
         return self.parts_of(name)
 
-    def add_adapter(self, name: str, parts: dict[str, Any], hparams: dict[str, Any]) -> None:
+    def add_adapter(self, name: str, parts: dict[str, Any], hparams: Any) -> None:
         for part, value in parts.items():
             if part not in self.part_names:
                 container = nn.ModuleDict() if isinstance(value, nn.Module) else nn.ParameterDict()

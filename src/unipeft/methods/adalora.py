@@ -79,6 +79,15 @@ class AdaLoraConfig(LoraConfig):
         return self.init_r
 
 
+@dataclass
+class SVDHparams:
+    scale: float  # lora_alpha / init_r
+    dropout: float
+    transposed: bool
+    orthogonality: bool  # whether the orthogonality penalty is computed (orth_reg_weight > 0)
+    kept: Optional[torch.Tensor] = None  # ranks kept by the last allocation (bool per rank); None: all
+
+
 class SVDLinear(AdapterLayer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -98,26 +107,26 @@ class SVDLinear(AdapterLayer):
             nn.init.zeros_(E)
             nn.init.normal_(B, std=0.02)
         scaling = config.lora_alpha if config.lora_alpha > 0 else float(r)
-        hparams = {"scale": scaling / (config.init_r + 1e-5), "dropout": config.lora_dropout,
-                   "transposed": transposed, "kept": None, "orthogonality": config.orth_reg_weight > 0}
+        hparams = SVDHparams(scaling / (config.init_r + 1e-5), config.lora_dropout, transposed,
+                             config.orth_reg_weight > 0)
         return {"lora_A": nn.Parameter(A), "lora_E": nn.Parameter(E), "lora_B": nn.Parameter(B)}, hparams
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         hp = self.hparams[name]
-        if hp["orthogonality"]:
+        if hp.orthogonality:
             self.orthogonality[name] = _orthogonality(self.lora_A[name], self.lora_B[name])
         scaled_A = self.lora_A[name] * self.lora_E[name]
         x = x.to(scaled_A.dtype)
-        if hp["dropout"] and self.training:
-            x = F.dropout(x, hp["dropout"], training=True)
-        return F.linear(F.linear(x, scaled_A) * hp["scale"], self.lora_B[name])
+        if hp.dropout and self.training:
+            x = F.dropout(x, hp.dropout, training=True)
+        return F.linear(F.linear(x, scaled_A) * hp.scale, self.lora_B[name])
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        delta = self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name]) * self.hparams[name]["scale"]
-        return delta.t() if self.hparams[name]["transposed"] else delta
+        delta = self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name]) * self.hparams[name].scale
+        return delta.t() if self.hparams[name].transposed else delta
 
     def saved_parts(self, name: str) -> dict:
-        kept = self.hparams[name]["kept"]
+        kept = self.hparams[name].kept
         if kept is None:
             return self.parts_of(name)
         return {"lora_A": self.lora_A[name][kept], "lora_E": self.lora_E[name][kept], "lora_B": self.lora_B[name][:, kept]}
@@ -126,7 +135,7 @@ class SVDLinear(AdapterLayer):
     def keep(self, name: str, kept: torch.Tensor) -> None:
         """Zero the triplets outside `kept` (bool per rank); they stay out of the saved file."""
         self.lora_E[name].masked_fill_(~kept.view(-1, 1), 0.0)
-        self.hparams[name]["kept"] = kept
+        self.hparams[name].kept = kept
 
 
 class RankAllocator:
@@ -212,7 +221,7 @@ def load_step_state(adapter_model, name: str, state: dict) -> None:
         if config.rank_pattern:
             layer.keep(name, torch.tensor(config.rank_pattern[f"{module}.lora_E"], device=layer.lora_E[name].device))
         else:  # before the first masking every triplet is kept
-            layer.hparams[name]["kept"] = None
+            layer.hparams[name].kept = None
         for part in PARTS:
             device = getattr(layer, part)[name].device
             for kind, values in (("importance", allocator.importance), ("uncertainty", allocator.uncertainty)):

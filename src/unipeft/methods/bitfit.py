@@ -107,16 +107,21 @@ def _group_roots(model: nn.Module, sites) -> dict[str, list[str]]:
     return roots
 
 
+@dataclass
+class BitFitHparams:
+    channel_first: bool  # convolutions and norms over channels: the bias broadcasts over dimension 1
+
+
 class BitFitLayer(AdapterLayer):
     @classmethod
     def make_parts(cls, base_layer, config: BitFitConfig, module_name: str):
         bias = base_layer.bias
-        hparams = {"channel_first": isinstance(base_layer, _CHANNEL_FIRST)}
+        hparams = BitFitHparams(isinstance(base_layer, _CHANNEL_FIRST))
         return {"bitfit_bias": nn.Parameter(torch.zeros_like(bias))}, hparams
 
     def _shaped(self, name: str, out: torch.Tensor) -> torch.Tensor:
         bias = self.bitfit_bias[name].to(out.dtype)
-        return bias.view(-1, *[1] * (out.dim() - 2)) if self.hparams[name]["channel_first"] else bias
+        return bias.view(-1, *[1] * (out.dim() - 2)) if self.hparams[name].channel_first else bias
 
     def delta_input(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         return result  # the delta does not read x; the output gives the shape to broadcast to

@@ -93,6 +93,17 @@ class BottleneckConfig(PeftConfig):
         return config
 
 
+@dataclass
+class BottleneckHparams:
+    option: str  # sequential or parallel
+    capture: Optional[str]  # the module whose input a parallel adapter reads
+    post_norm: Optional[str]  # the block's norm a sequential adapter's output goes through (Houlsby, Pfeiffer)
+    scale: Optional[float]  # None: a learned scalar
+    norm_at: str  # layernorm_option: in, out or none
+    act: str
+    dropout: float
+
+
 class BottleneckLayer(CapturingLayer):
     """Wraps a site's output projection; adds each active adapter's Δ computed from its z."""
 
@@ -120,39 +131,39 @@ class BottleneckLayer(CapturingLayer):
         if config.scalar == LEARNABLE:
             parts["adapter_scale"] = nn.Parameter(torch.ones(1, **kw))
         capture, post_norm = config.site_reads[module_name]
-        hparams = {"option": config.adapter_option, "capture": capture, "post_norm": post_norm,
-                   "scale": None if config.scalar == LEARNABLE else float(config.scalar),
-                   "norm_at": config.layernorm_option, "act": config.non_linearity, "dropout": config.adapter_dropout}
+        hparams = BottleneckHparams(config.adapter_option, capture, post_norm,
+                                    None if config.scalar == LEARNABLE else float(config.scalar),
+                                    config.layernorm_option, config.non_linearity, config.adapter_dropout)
         return parts, hparams
 
     def attach(self, adapter_model: nn.Module) -> None:
         super().attach(adapter_model)
         for hp in self.hparams.values():
-            if hp["post_norm"] is not None:
-                self._norms[hp["post_norm"]] = innermost(adapter_model.model.get_submodule(hp["post_norm"]))
+            if hp.post_norm is not None:
+                self._norms[hp.post_norm] = innermost(adapter_model.model.get_submodule(hp.post_norm))
 
     def delta_input(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         hp = self.hparams[name]
-        if hp["option"] == SEQUENTIAL:
+        if hp.option == SEQUENTIAL:
             return result
-        captured = self.captured(hp["capture"])
-        if hp["option"] == PARALLEL:
+        captured = self.captured(hp.capture)
+        if hp.option == PARALLEL:
             return captured
-        if hp["post_norm"] is not None:
-            return self._norms[hp["post_norm"]](result + captured)
+        if hp.post_norm is not None:
+            return self._norms[hp.post_norm](result + captured)
         return result + captured
 
     # ---- the adapter function ------------------------------------------------------------------
     def delta(self, name: str, z: torch.Tensor) -> torch.Tensor:
         hp = self.hparams[name]
-        if hp["norm_at"] == "in":
+        if hp.norm_at == "in":
             z = self.adapter_norm[name](z)
-        down = _ACTIVATIONS[hp["act"]](self.adapter_down[name](z.to(self.adapter_down[name].weight.dtype)))
-        if hp["dropout"] and self.training:
-            down = F.dropout(down, hp["dropout"], training=True)
+        down = _ACTIVATIONS[hp.act](self.adapter_down[name](z.to(self.adapter_down[name].weight.dtype)))
+        if hp.dropout and self.training:
+            down = F.dropout(down, hp.dropout, training=True)
         up = self.adapter_up[name](down)
-        up = up * (self.adapter_scale[name] if hp["scale"] is None else hp["scale"])
-        return self.adapter_norm[name](up) if hp["norm_at"] == "out" else up
+        up = up * (self.adapter_scale[name] if hp.scale is None else hp.scale)
+        return self.adapter_norm[name](up) if hp.norm_at == "out" else up
 
 
 def bottleneck_layer_for(module: nn.Module, config: BottleneckConfig):

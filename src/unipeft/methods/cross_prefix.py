@@ -37,6 +37,18 @@ SIDE_SITE = "blocks"
 
 
 @dataclass
+class CrossPrefixHparams:
+    capture: str  # the attention's input, read as the branch's input
+    query: str  # the block's query projection
+    layout: str  # how the query projection's output holds the query: plain, fused or per_head
+    layer: int
+    heads: int
+    head_dim: int
+    form: str  # prefix_form
+    query_module: Optional[nn.Module] = None  # found when attached
+
+
+@dataclass
 class CrossPrefixConfig(PrefixTuningConfig):
     peft_type: Optional[str] = "CROSS_PREFIX"
     prefix_form: Literal["cross_attn", "cross_attn_noln", "cross_attn_relu"] = "cross_attn_noln"
@@ -53,10 +65,10 @@ class CrossPrefixConfig(PrefixTuningConfig):
         for index, block in enumerate(blocks):
             query = resolve_in_block(model, block, sites.query)
             width = out_features(model.get_submodule(query)) // (1 if sites.query_layout == "plain" else 3)
-            reads[resolve_in_block(model, block, sites.attn_out)] = {
-                "capture": resolve_in_block(model, block, sites.attn_in), "query": query, "layout": sites.query_layout,
-                "layer": index, "heads": heads, "head_dim": width // heads, "form": self.prefix_form}
-        head_dim = next(iter(reads.values()))["head_dim"]
+            reads[resolve_in_block(model, block, sites.attn_out)] = CrossPrefixHparams(
+                resolve_in_block(model, block, sites.attn_in), query, sites.query_layout, index, heads,
+                width // heads, self.prefix_form)
+        head_dim = next(iter(reads.values())).head_dim
         config = replace(self, target_modules=list(reads), num_layers=len(blocks), num_transformer_submodules=1,
                          token_dim=kv_heads * head_dim, num_attention_heads=kv_heads,
                          encoder_hidden_size=self.encoder_hidden_size or kv_heads * head_dim)
@@ -81,8 +93,8 @@ class CrossPrefixLayer(CapturingLayer):
 
     @classmethod
     def make_parts(cls, base_layer, config: CrossPrefixConfig, module_name: str):
-        hparams = dict(config.site_reads[module_name])
-        width = hparams["heads"] * hparams["head_dim"]
+        hparams = replace(config.site_reads[module_name])
+        width = hparams.heads * hparams.head_dim
         weight = innermost(base_layer).weight
         parts = {"prefix_norm": nn.LayerNorm(width, device=weight.device, dtype=weight.dtype)} \
             if config.prefix_form == "cross_attn" else {}
@@ -92,32 +104,32 @@ class CrossPrefixLayer(CapturingLayer):
         super().attach(adapter_model)
         for name, hp in self.hparams.items():
             self._prompts[name] = adapter_model.part_of(name)
-            hp["query_module"] = innermost(adapter_model.model.get_submodule(hp["query"]))
+            hp.query_module = innermost(adapter_model.model.get_submodule(hp.query))
 
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
         self._prompts.pop(name, None)
 
     def delta_input(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        return self.captured(self.hparams[name]["capture"])
+        return self.captured(self.hparams[name].capture)
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         hp = self.hparams[name]
-        heads, head_dim = hp["heads"], hp["head_dim"]
-        q = hp["query_module"](x)
+        heads, head_dim = hp.heads, hp.head_dim
+        q = hp.query_module(x)
         b, t = q.shape[:2]
-        if hp["layout"] == "fused":
+        if hp.layout == "fused":
             q = q[..., : heads * head_dim]
-        elif hp["layout"] == "per_head":
+        elif hp.layout == "per_head":
             q = q.view(b, t, heads, 3, head_dim)[..., 0, :]
         q = q.reshape(b, t, heads, head_dim).transpose(1, 2)  # [b, heads, t, head_dim]
-        keys, values = self._prompts[name].prefix()[SIDE_SITE][hp["layer"]]  # [1, kv_heads, l, head_dim]
+        keys, values = self._prompts[name].prefix()[SIDE_SITE][hp.layer]  # [1, kv_heads, l, head_dim]
         if keys.shape[1] != heads:  # grouped-query models: each key/value head serves a group of query heads
             keys, values = (p.repeat_interleave(heads // keys.shape[1], dim=1) for p in (keys, values))
         scores = q @ keys.to(q.dtype).transpose(-1, -2) / math.sqrt(head_dim)
-        weights = F.relu(scores) if hp["form"] == "cross_attn_relu" else scores.softmax(dim=-1)
+        weights = F.relu(scores) if hp.form == "cross_attn_relu" else scores.softmax(dim=-1)
         branch = (weights @ values.to(q.dtype)).transpose(1, 2).reshape(b, t, heads * head_dim)
-        if hp["form"] == "cross_attn":
+        if hp.form == "cross_attn":
             branch = self.prefix_norm[name](branch)
         weight = self.weight
         return branch @ weight if is_conv1d(innermost(self.base_layer)) else F.linear(branch, weight)

@@ -36,30 +36,30 @@ class DoraLinear(LoraLinear):
     @classmethod
     def make_parts(cls, base_layer, config: LoraConfig, module_name: str):
         parts, hparams = super().make_parts(base_layer, config, module_name)
-        weight = base_layer.weight.t() if hparams["transposed"] else base_layer.weight  # [out, in]
+        weight = base_layer.weight.t() if hparams.transposed else base_layer.weight  # [out, in]
         # m starts at the norms the forward divides by, computed the same way: the scale is exactly 1
-        norms = row_norms(weight, parts["lora_A"].weight, parts["lora_B"].weight, hparams["scaling"])
+        norms = row_norms(weight, parts["lora_A"].weight, parts["lora_B"].weight, hparams.scaling)
         parts["lora_magnitude_vector"] = nn.Parameter(norms)
         return parts, hparams
 
     def _weight(self) -> torch.Tensor:
         weight = innermost(self.base_layer).weight
-        return weight.t() if self.hparams[next(iter(self.hparams))]["transposed"] else weight  # [out, in]
+        return weight.t() if self.hparams[next(iter(self.hparams))].transposed else weight  # [out, in]
 
     def norms(self, name: str) -> torch.Tensor:
-        return row_norms(self._weight(), self.lora_A[name].weight, self.lora_B[name].weight, self.hparams[name]["scaling"])
+        return row_norms(self._weight(), self.lora_A[name].weight, self.lora_B[name].weight, self.hparams[name].scaling)
 
     def _change(self, name: str, x: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
         """(m/‖·‖ − 1)·Wx + (m/‖·‖)·s·B(Ax); `base` is Wx when the caller has it (no dropout)."""
         hp = self.hparams[name]
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         x = x.to(A.dtype)
-        if hp["dropout"] and self.training:
-            x, base = F.dropout(x, hp["dropout"], training=True), None
+        if hp.dropout and self.training:
+            x, base = F.dropout(x, hp.dropout, training=True), None
         scale = self.lora_magnitude_vector[name] / self.norms(name)
         if base is None:
             base = F.linear(x, self._weight().to(x.dtype))
-        return (scale - 1) * base.to(x.dtype) + scale * hp["scaling"] * F.linear(F.linear(x, A), B)
+        return (scale - 1) * base.to(x.dtype) + scale * hp.scaling * F.linear(F.linear(x, A), B)
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self._change(name, x, None)
@@ -76,7 +76,7 @@ class DoraLinear(LoraLinear):
     def delta_weight(self, name: str) -> torch.Tensor:
         hp = self.hparams[name]
         weight = self._weight()
-        lora = self.lora_B[name].weight @ self.lora_A[name].weight * hp["scaling"]
+        lora = self.lora_B[name].weight @ self.lora_A[name].weight * hp.scaling
         scale = (self.lora_magnitude_vector[name] / self.norms(name)).unsqueeze(1)
         delta = (scale - 1) * weight + scale * lora
-        return delta.t() if hp["transposed"] else delta
+        return delta.t() if hp.transposed else delta

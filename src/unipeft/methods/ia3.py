@@ -103,6 +103,12 @@ class IA3Config(PeftConfig):
         return out
 
 
+@dataclass
+class IA3Hparams:
+    feedforward: bool  # scales the layer's input (feedforward_modules), not its output
+    transposed: bool
+
+
 class IA3Linear(AdapterLayer):
     @classmethod
     def make_parts(cls, base_layer, config: IA3Config, module_name: str):
@@ -113,7 +119,7 @@ class IA3Linear(AdapterLayer):
         shape = (1, in_features) if feedforward else (out_features, 1)
         init = torch.ones if config.init_ia3_weights else torch.randn
         ia3_l = nn.Parameter(init(shape, device=weight.device, dtype=weight.dtype))
-        return {"ia3_l": ia3_l}, {"feedforward": feedforward, "transposed": transposed}
+        return {"ia3_l": ia3_l}, IA3Hparams(feedforward, transposed)
 
     def _l(self, name: str) -> torch.Tensor:
         return self.ia3_l[name].flatten()
@@ -121,24 +127,24 @@ class IA3Linear(AdapterLayer):
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The base layer's W x, without bias."""
         weight = self.base_weight()
-        return F.linear(x.to(weight.dtype), weight.t() if self.hparams[name]["transposed"] else weight)
+        return F.linear(x.to(weight.dtype), weight.t() if self.hparams[name].transposed else weight)
 
     # ---- forward: y = (W (x * l_ff) + b) * l_out -----------------------------------------------
     def fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams[name]["feedforward"]:
+        if self.hparams[name].feedforward:
             return self.base_layer((x * self._l(name)).to(x.dtype))
         result = self.base_layer(x)
         return (result * self._l(name)).to(result.dtype)
 
     def delta_input(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        return x if self.hparams[name]["feedforward"] else result
+        return x if self.hparams[name].feedforward else result
 
     def delta(self, name: str, source: torch.Tensor) -> torch.Tensor:
         scaled = source * (self._l(name) - 1)
-        return self._linear(name, scaled) if self.hparams[name]["feedforward"] else scaled
+        return self._linear(name, scaled) if self.hparams[name].feedforward else scaled
 
     def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        if not self.hparams[name]["feedforward"]:
+        if not self.hparams[name].feedforward:
             return (result * self._l(name)).to(result.dtype)
         # result = (W (x * in_scale) + b) * out_scale from the adapters applied before this one; add what
         # makes it (W (x * in_scale * l) + b) * out_scale, so that adapters multiply
@@ -151,7 +157,7 @@ class IA3Linear(AdapterLayer):
             if other == name:
                 break
             if other in self.hparams and other not in self.merged_adapters:
-                if self.hparams[other]["feedforward"]:
+                if self.hparams[other].feedforward:
                     in_scale = in_scale * self._l(other)
                 else:
                     out_scale = out_scale * self._l(other)
@@ -162,12 +168,12 @@ class IA3Linear(AdapterLayer):
         """Base weight and bias with l multiplied in (sign +1) or divided out (-1); None: bias unchanged."""
         hp, l = self.hparams[name], self._l(name).detach()
         weight, bias = self.base_weight(), innermost(self.base_layer).bias
-        in_axis = 0 if hp["transposed"] else 1
+        in_axis = 0 if hp.transposed else 1
         shape = [1, 1]
-        shape[in_axis if hp["feedforward"] else 1 - in_axis] = -1
+        shape[in_axis if hp.feedforward else 1 - in_axis] = -1
         op = torch.mul if sign > 0 else torch.div
         new_weight = op(weight.data, l.view(shape)).to(weight.dtype)
-        new_bias = None if hp["feedforward"] or bias is None else op(bias.data, l).to(bias.dtype)
+        new_bias = None if hp.feedforward or bias is None else op(bias.data, l).to(bias.dtype)
         return new_weight, new_bias
 
     def _refuse_zeros(self, name: str, where: str) -> None:

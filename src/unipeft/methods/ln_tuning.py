@@ -51,7 +51,7 @@ class LNTuningConfig(PeftConfig):
 class LNTuningLayer(AdapterLayer):
     @classmethod
     def make_parts(cls, base_layer, config: LNTuningConfig, module_name: str):
-        return {"ln_tuning_layers": whole_copy(base_layer).requires_grad_(True)}, {}
+        return {"ln_tuning_layers": whole_copy(base_layer).requires_grad_(True)}, None
 
     def fused_forward(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         return self.ln_tuning_layers[name](x) if self.base_layer is innermost(self.base_layer) else None

@@ -19,7 +19,7 @@ from ..compat import is_conv1d
 from ..engine.layers import AdapterLayer, out_features
 from ..registry import MethodSpec, Preset, register_method, register_preset
 from .lora import DEFAULT_TARGETS as LORA_TARGETS
-from .lycoris import LycorisConfig, module_dropped, rank_keep
+from .lycoris import LycorisConfig, LycorisHparams, module_dropped, rank_keep
 
 __all__ = ["LoHaConfig"]
 
@@ -44,26 +44,25 @@ class LoHaLinear(AdapterLayer):
         if config.init_weights:
             nn.init.zeros_(parts["hada_w2_b"])
         parts = {name: nn.Parameter(tensor) for name, tensor in parts.items()}
-        return parts, {"scaling": alpha / r, "transposed": transposed, "rank_dropout": config.rank_dropout,
-                       "module_dropout": config.module_dropout}
+        return parts, LycorisHparams(alpha / r, transposed, config.rank_dropout, config.module_dropout)
 
     def _delta_out_in(self, name: str) -> torch.Tensor:
         w1 = self.hada_w1_a[name] @ self.hada_w1_b[name]
         w2 = self.hada_w2_a[name] @ self.hada_w2_b[name]
-        return w1 * w2 * self.hparams[name]["scaling"]
+        return w1 * w2 * self.hparams[name].scaling
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         hp = self.hparams[name]
-        if module_dropped(self.training, hp["module_dropout"]):
+        if module_dropped(self.training, hp.module_dropout):
             return x.new_zeros(*x.shape[:-1], out_features(self))
         delta = self._delta_out_in(name)
-        if self.training and hp["rank_dropout"]:  # LyCORIS's LoHa always rescales by the mask's mean
-            delta = delta * rank_keep(delta.shape[0], hp["rank_dropout"], rescale=True).to(delta)[:, None]
+        if self.training and hp.rank_dropout:  # LyCORIS's LoHa always rescales by the mask's mean
+            delta = delta * rank_keep(delta.shape[0], hp.rank_dropout, rescale=True).to(delta)[:, None]
         return F.linear(x.to(delta.dtype), delta)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = self._delta_out_in(name)
-        return delta.t() if self.hparams[name]["transposed"] else delta
+        return delta.t() if self.hparams[name].transposed else delta
 
 
 def loha_layer_for(module: nn.Module, config: LoHaConfig):

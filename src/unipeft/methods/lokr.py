@@ -25,7 +25,7 @@ from ..engine.layers import AdapterLayer, out_features
 from ..engine.targeting import TargetError
 from ..registry import MethodSpec, Preset, register_method, register_preset
 from .lora import DEFAULT_TARGETS as LORA_TARGETS
-from .lycoris import LycorisConfig, module_dropped, rank_keep
+from .lycoris import LycorisConfig, LycorisHparams, module_dropped, rank_keep
 
 __all__ = ["LoKrConfig"]
 
@@ -106,8 +106,8 @@ class LoKrLinear(AdapterLayer):
         for name in set(zeroed) & set(parts):
             nn.init.zeros_(parts[name])
         parts = {name: nn.Parameter(tensor) for name, tensor in parts.items()}
-        return parts, {"scaling": alpha / r, "transposed": transposed, "rank_dropout": config.rank_dropout,
-                       "rank_dropout_scale": config.rank_dropout_scale, "module_dropout": config.module_dropout}
+        return parts, LycorisHparams(alpha / r, transposed, config.rank_dropout, config.module_dropout,
+                                     config.rank_dropout_scale)
 
     def _factor(self, name: str, which: str) -> torch.Tensor:
         full = getattr(self, f"lokr_{which}", {})  # absent until some adapter has this factor full
@@ -116,21 +116,21 @@ class LoKrLinear(AdapterLayer):
         return getattr(self, f"lokr_{which}_a")[name] @ getattr(self, f"lokr_{which}_b")[name]
 
     def _delta_out_in(self, name: str) -> torch.Tensor:
-        return torch.kron(self._factor(name, "w1"), self._factor(name, "w2")) * self.hparams[name]["scaling"]
+        return torch.kron(self._factor(name, "w1"), self._factor(name, "w2")) * self.hparams[name].scaling
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         hp = self.hparams[name]
-        if module_dropped(self.training, hp["module_dropout"]):
+        if module_dropped(self.training, hp.module_dropout):
             return x.new_zeros(*x.shape[:-1], out_features(self))
         w1, w2 = self._factor(name, "w1"), self._factor(name, "w2")
-        y = _KroneckerApply.apply(x.to(w1.dtype), w1 * hp["scaling"], w2)
-        if self.training and hp["rank_dropout"]:
-            y = y * rank_keep(y.shape[-1], hp["rank_dropout"], hp["rank_dropout_scale"]).to(y)
+        y = _KroneckerApply.apply(x.to(w1.dtype), w1 * hp.scaling, w2)
+        if self.training and hp.rank_dropout:
+            y = y * rank_keep(y.shape[-1], hp.rank_dropout, hp.rank_dropout_scale).to(y)
         return y
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = self._delta_out_in(name)
-        return delta.t() if self.hparams[name]["transposed"] else delta
+        return delta.t() if self.hparams[name].transposed else delta
 
 
 def lokr_layer_for(module: nn.Module, config: LoKrConfig):

@@ -146,6 +146,13 @@ class _LoraLinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_A, grad_B, None, None
 
 
+@dataclass
+class LoraHparams:
+    scaling: float  # alpha / r (alpha / sqrt(r) with rsLoRA)
+    dropout: float = 0.0
+    transposed: bool = False  # GPT-2's Conv1D keeps its weight as [in, out]
+
+
 class LoraLinear(AdapterLayer):
     @classmethod
     def make_parts(cls, base_layer, config: LoraConfig, module_name: str):
@@ -161,7 +168,7 @@ class LoraLinear(AdapterLayer):
             nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
         if config.init_lora_weights is not False:
             nn.init.zeros_(lora_B.weight)
-        hparams = {"scaling": _scaling(config, r, alpha), "dropout": config.lora_dropout, "transposed": transposed}
+        hparams = LoraHparams(_scaling(config, r, alpha), config.lora_dropout, transposed)
         return {"lora_A": lora_A, "lora_B": lora_B}, hparams
 
     def _down(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -169,9 +176,9 @@ class LoraLinear(AdapterLayer):
         weight_A = self.lora_A[name].weight
         if x.dtype != weight_A.dtype:
             x = x.to(weight_A.dtype)
-        if hp["dropout"] and self.training:
-            x = F.dropout(x, hp["dropout"], training=True)
-        return F.linear(x, weight_A) * hp["scaling"]  # scale the rank-r tensor, not the wide output
+        if hp.dropout and self.training:
+            x = F.dropout(x, hp.dropout, training=True)
+        return F.linear(x, weight_A) * hp.scaling  # scale the rank-r tensor, not the wide output
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._down(name, x), self.lora_B[name].weight)
@@ -190,19 +197,19 @@ class LoraLinear(AdapterLayer):
         hp = self.hparams[name]
         weight, bias = base.weight, base.bias
         weight_A, weight_B = self.lora_A[name].weight, self.lora_B[name].weight
-        if (not _plain_frozen_linear(base) or (hp["dropout"] and self.training)
+        if (not _plain_frozen_linear(base) or (hp.dropout and self.training)
                 or not x.dtype == weight.dtype == weight_A.dtype == weight_B.dtype
                 or not x.device == weight.device == weight_A.device
                 or torch.is_autocast_enabled(x.device.type)):  # autocast picks dtypes per op: general path
             return None
-        return _LoraLinearFunction.apply(x, weight, bias, weight_A, weight_B, hp["scaling"], hp["transposed"])
+        return _LoraLinearFunction.apply(x, weight, bias, weight_A, weight_B, hp.scaling, hp.transposed)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = _factor_product(self, name)
-        return delta.t() if self.hparams[name]["transposed"] else delta
+        return delta.t() if self.hparams[name].transposed else delta
 
 
 class LoraEmbedding(AdapterLayer):
@@ -216,13 +223,13 @@ class LoraEmbedding(AdapterLayer):
         if config.init_lora_weights is not False:
             nn.init.zeros_(lora_A)
             nn.init.normal_(lora_B)
-        hparams = {"scaling": _scaling(config, r, alpha)}
+        hparams = LoraHparams(_scaling(config, r, alpha))
         return {"lora_embedding_A": lora_A, "lora_embedding_B": lora_B}, hparams
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         down = F.embedding(x, self.lora_embedding_A[name].t(), padding_idx=base.padding_idx)
-        out = (down @ self.lora_embedding_B[name].t()) * self.hparams[name]["scaling"]
+        out = (down @ self.lora_embedding_B[name].t()) * self.hparams[name].scaling
         embed_scale = getattr(base, "embed_scale", None)  # BART-style scaled embeddings scale the lookup
         return out * embed_scale if embed_scale is not None else out
 
@@ -236,7 +243,7 @@ class LoraEmbedding(AdapterLayer):
 def _factor_product(layer, name: str) -> torch.Tensor:
     """scaling * B @ A in [out, in] layout, for any LoRA layer."""
     A, B = layer.factors(name)
-    return (B @ A) * layer.hparams[name]["scaling"]
+    return (B @ A) * layer.hparams[name].scaling
 
 
 def lora_layer_for(module: nn.Module, config: LoraConfig):
@@ -317,7 +324,7 @@ def add_weighted_adapter(tuner, adapters: list[str], weights: list[float], adapt
         offset = 0
         for a, w in present:
             A, B = layer.factors(a)
-            s = layer.hparams[a]["scaling"]
+            s = layer.hparams[a].scaling
             if combination_type == "linear":  # sqrt of |w * s| on both sides, the sign on A (as HF PEFT)
                 root = math.sqrt(abs(w * s))
                 new_A += math.copysign(root, w * s) * A

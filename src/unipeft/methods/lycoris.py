@@ -47,6 +47,15 @@ class LycorisConfig(PeftConfig):
         return pattern_value(self.rank_pattern, module_name, self.r), pattern_value(self.alpha_pattern, module_name, self.alpha)
 
 
+@dataclass
+class LycorisHparams:
+    scaling: float  # alpha / r
+    transposed: bool
+    rank_dropout: float
+    module_dropout: float
+    rank_dropout_scale: bool = False  # LoKr: rescale by the kept fraction (LoHa always does)
+
+
 def module_dropped(training: bool, p: float) -> bool:
     """Whether this training forward skips the adapter entirely (probability p)."""
     return training and torch.rand(1).item() <= p

@@ -93,6 +93,17 @@ def cayley_neumann(q: torch.Tensor, n: int) -> torch.Tensor:
     return out + power
 
 
+@dataclass
+class OFTHparams:
+    r: int  # blocks
+    block: int  # block size
+    transposed: bool
+    coft: bool
+    eps: float
+    dropout: float  # module_dropout: the fraction of blocks replaced by the identity while training
+    terms: Optional[int]  # Cayley-Neumann terms; None: the exact Cayley transform
+
+
 class OFTLinear(AdapterLayer):
     delta_depends_on_weight = True  # ΔW = W(Mᵀ − I)
     @classmethod
@@ -112,39 +123,39 @@ class OFTLinear(AdapterLayer):
         if not config.init_weights:
             nn.init.normal_(weight, std=0.1)
         terms = config.num_cayley_neumann_terms if config.use_cayley_neumann else None
-        return {"oft_R": OFTRotation(weight)}, {"r": r, "block": block, "transposed": transposed, "coft": config.coft,
-                                                "eps": config.eps, "dropout": config.module_dropout, "terms": terms}
+        hparams = OFTHparams(r, block, transposed, config.coft, config.eps, config.module_dropout, terms)
+        return {"oft_R": OFTRotation(weight)}, hparams
 
     def blocks(self, name: str) -> torch.Tensor:
         """The orthogonal blocks of M, [r or 1 (block_share), b, b]."""
         hp, weight = self.hparams[name], self.oft_R[name].weight
-        if hp["coft"]:
+        if hp.coft:
             with torch.no_grad():  # the skew matrix's Frobenius norm is √2 times that of its upper triangle
-                radius = hp["eps"] / weight.shape[0] ** 0.5
+                radius = hp.eps / weight.shape[0] ** 0.5
                 norm = weight.norm(dim=1, keepdim=True) * 2 ** 0.5
                 weight.mul_(torch.where(norm <= radius, 1.0, radius / norm))
-        b, q = hp["block"], weight.new_zeros(weight.shape[0], hp["block"], hp["block"])
+        b, q = hp.block, weight.new_zeros(weight.shape[0], hp.block, hp.block)
         rows, cols = torch.triu_indices(b, b, 1, device=weight.device)
         q[:, rows, cols] = weight
         q = q - q.transpose(1, 2)
         eye = torch.eye(b, device=q.device, dtype=q.dtype)
-        if hp["terms"] is not None:
-            m = cayley_neumann(q, hp["terms"])
+        if hp.terms is not None:
+            m = cayley_neumann(q, hp.terms)
         else:  # solve in fp32: linalg has no bf16 kernels
             m = torch.linalg.solve((eye + q).float(), (eye - q).float(), left=False).to(q.dtype)
-        if hp["dropout"] and self.training and len(m) > 1:
-            dropped = torch.randperm(len(m), device=m.device) < int(hp["dropout"] * len(m))
+        if hp.dropout and self.training and len(m) > 1:
+            dropped = torch.randperm(len(m), device=m.device) < int(hp.dropout * len(m))
             m = torch.where(dropped[:, None, None], eye, m)
         return m
 
     def rotate(self, name: str, x: torch.Tensor) -> torch.Tensor:
         hp, m = self.hparams[name], self.blocks(name)
-        x = x.to(m.dtype).unflatten(-1, (hp["r"], hp["block"]))
-        return torch.einsum("...rk,rkc->...rc", x, m.expand(hp["r"], -1, -1)).flatten(-2)
+        x = x.to(m.dtype).unflatten(-1, (hp.r, hp.block))
+        return torch.einsum("...rk,rkc->...rc", x, m.expand(hp.r, -1, -1)).flatten(-2)
 
     def _weight(self, name: str) -> torch.Tensor:  # [out, in]
         weight = innermost(self.base_layer).weight
-        return weight.t() if self.hparams[name]["transposed"] else weight
+        return weight.t() if self.hparams[name].transposed else weight
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.oft_R[name].weight.dtype)
@@ -157,10 +168,10 @@ class OFTLinear(AdapterLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         hp, m = self.hparams[name], self.blocks(name)
-        full = torch.block_diag(*m.expand(hp["r"], -1, -1))
+        full = torch.block_diag(*m.expand(hp.r, -1, -1))
         weight = self._weight(name).to(full.dtype)
         delta = weight @ full.t() - weight
-        return delta.t() if hp["transposed"] else delta
+        return delta.t() if hp.transposed else delta
 
 
 def oft_layer_for(module: nn.Module, config: OFTConfig):

@@ -63,13 +63,20 @@ def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torc
 
 def projections(model: nn.Module, config: VeraConfig, layers) -> SharedTensors:
     """A [r, widest input] and B [widest output, r], the same for the same key on any machine."""
-    widest_in = max(layer.hparams["in_features"] for layer in layers)
-    widest_out = max(layer.hparams["out_features"] for layer in layers)
+    widest_in = max(layer.hparams.in_features for layer in layers)
+    widest_out = max(layer.hparams.out_features for layer in layers)
     generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
     vera_a = _kaiming_uniform((config.r, widest_in), generator)
     vera_b = _kaiming_uniform((widest_out, config.r), generator)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return SharedTensors({"vera_A": vera_a.to(device), "vera_B": vera_b.to(device)}, saved=config.save_projection)
+
+
+@dataclass
+class VeraHparams:
+    in_features: int
+    out_features: int
+    transposed: bool
 
 
 class VeraLinear(AdapterLayer):
@@ -85,7 +92,7 @@ class VeraLinear(AdapterLayer):
             lambda_b, lambda_d = torch.ones(out_features, **kw), torch.randn(config.r, **kw)
         dropout = nn.Dropout(config.vera_dropout) if config.vera_dropout else nn.Identity()
         parts = {"vera_lambda_b": nn.Parameter(lambda_b), "vera_lambda_d": nn.Parameter(lambda_d), "vera_dropout": dropout}
-        return parts, {"in_features": in_features, "out_features": out_features, "transposed": transposed}
+        return parts, VeraHparams(in_features, out_features, transposed)
 
     def attach(self, adapter_model: nn.Module) -> None:
         super().attach(adapter_model)
@@ -93,7 +100,7 @@ class VeraLinear(AdapterLayer):
 
     def _slices(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         hp, shared = self.hparams[name], self._projections[name]
-        return shared.vera_A[:, :hp["in_features"]].to(dtype), shared.vera_B[:hp["out_features"]].to(dtype)
+        return shared.vera_A[:, :hp.in_features].to(dtype), shared.vera_B[:hp.out_features].to(dtype)
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self._slices(name, self.vera_lambda_d[name].dtype)
@@ -103,7 +110,7 @@ class VeraLinear(AdapterLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self._slices(name, self.vera_lambda_d[name].dtype)
         delta = (self.vera_lambda_b[name][:, None] * b) @ (self.vera_lambda_d[name][:, None] * a)
-        return delta.t() if self.hparams[name]["transposed"] else delta
+        return delta.t() if self.hparams[name].transposed else delta
 
 
 def vera_layer_for(module: nn.Module, config: VeraConfig):
