@@ -47,6 +47,22 @@ def test_family_defaults_are_recorded_in_the_saved_config():
     assert wrapped_names(pm) == [f"transformer.h.{i}.self_attention.query_key_value" for i in (0, 1)]
 
 
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")  # HF PEFT's, as it records the same
+@pytest.mark.parametrize("method", ["LoraConfig", "IA3Config", "VeraConfig"])
+def test_what_planning_records_goes_to_the_adapter_s_config_never_the_caller_s(method):
+    """On GPT-2 HF PEFT records the family's default targets and fan_in_fan_out=True (its Conv1D keeps weights as
+    [in, out]) in the adapter's config; so do we, on a copy: the config object the caller passed stays as given."""
+    import peft
+
+    given = getattr(__import__("unipeft"), method)(task_type="CAUSAL_LM")
+    pm = get_peft_model(F.make_model("gpt2", "CAUSAL_LM"), given)
+    reference = peft.get_peft_model(F.make_model("gpt2", "CAUSAL_LM"), getattr(peft, method)(task_type="CAUSAL_LM"))
+    recorded, expected = pm.peft_config["default"], reference.peft_config["default"]
+    assert sorted(recorded.target_modules) == sorted(expected.target_modules)
+    assert recorded.fan_in_fan_out is expected.fan_in_fan_out is True
+    assert given.target_modules is None and given.fan_in_fan_out is False
+
+
 def test_suffix_matching_is_by_whole_name_component():
     # An entry matches a whole trailing name component: "query_proj" matches, a fragment like "uery" does not.
     pm = get_peft_model(F.make_model("deberta-v2", "FEATURE_EXTRACTION"), LoraConfig(target_modules=["query_proj"]))

@@ -65,6 +65,11 @@ def _describe(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
+def unsaved(default=None):
+    """A config field that planning fills in from the model (`resolved`) and the adapter file never holds."""
+    return field(default=default, repr=False, compare=False, metadata={"saved": False})
+
+
 @dataclass
 class PeftConfig:
     """Fields every method shares. Subclasses add their own and set `peft_type`."""
@@ -109,7 +114,8 @@ class PeftConfig:
                 value = value.value
             elif isinstance(value, (set, tuple)):
                 value = sorted(value) if isinstance(value, set) else list(value)
-            out[f.name] = value
+            if f.metadata.get("saved", True):
+                out[f.name] = value
         return out
 
     @classmethod
@@ -161,6 +167,17 @@ class PeftConfig:
     @property
     def is_prompt_learning(self) -> bool:
         return False
+
+    def planned(self, target_modules, transposed: bool) -> "PeftConfig":
+        """This config as saved once planned on a model, as HF PEFT records it: the family's default
+        `target_modules` when none were given, and `fan_in_fan_out=True` when a target keeps its weight as
+        [in, out] (GPT-2's Conv1D). A copy when anything changes: the caller's config is never modified."""
+        changes = {}
+        if getattr(self, "target_modules", ()) is None and target_modules is not None:
+            changes["target_modules"] = list(target_modules)
+        if transposed and getattr(self, "fan_in_fan_out", True) is False:
+            changes["fan_in_fan_out"] = True
+        return dataclasses.replace(self, **changes) if changes else self
 
     def describe(self) -> str:
         """Where the adapter attaches, in a few words for a run's log (methods say more about themselves)."""

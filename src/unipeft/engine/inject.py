@@ -137,6 +137,8 @@ class AdapterModel(MergeAndRemove, nn.Module):
         plan.resolved_config = config
         if spec.layer_for is not None:
             self._plan_layers(plan, spec, config)
+            transposed = any(getattr(layer.hparams, "transposed", False) for layer in plan.layers)
+            config = plan.resolved_config = config.planned(plan.target_modules, transposed)
         if spec.model_part is not None:
             if plan.part is not None:
                 raise AdapterError("one adapter can hold only one model-level part (one prompt-based part)")
@@ -248,8 +250,6 @@ class AdapterModel(MergeAndRemove, nn.Module):
                 module = ModulesToSaveWrapper(module, self.adapter_state)
                 self.model.set_submodule(module_name, module)
             module.add_adapter(plan.name, head)
-        if plan.target_modules is not None and getattr(plan.config, "target_modules", ()) is None:
-            plan.config.target_modules = list(plan.target_modules)  # record the family default, as PEFT does
         self.peft_config[plan.name] = plan.config
         self._follow_mode(existing)
 

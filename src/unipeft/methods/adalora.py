@@ -285,8 +285,6 @@ def _orthogonality(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 def adalora_layer_for(module: nn.Module, config: AdaLoraConfig):
-    if is_conv1d(module):
-        config.fan_in_fan_out = True  # recorded for readers of adapter_config.json, as for LoRA
     return SVDLinear if isinstance(module, nn.Linear) or is_conv1d(module) else None
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ConfigError, PeftConfig
+from ..config import ConfigError, PeftConfig, unsaved
 from ..engine.capture import CapturingLayer
 from ..engine.layers import innermost, out_features
 from ..engine.sites import block_paths, block_sites_of, resolve_in_block
@@ -53,6 +53,8 @@ class BottleneckConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = None
     # The site output projections the adapter wraps: filled in from `sites` for the model at hand.
     target_modules: Optional[list[str]] = None
+    # per target: (the module whose input it captures, the post-norm module), read from the model
+    site_reads: Optional[dict] = unsaved()
 
     def describe(self) -> str:  # its sites, not every wrapped projection
         return f"{self.adapter_option} adapter at {' and '.join(self.sites)}, bottleneck {self.bottleneck_size}"
@@ -88,9 +90,7 @@ class BottleneckConfig(PeftConfig):
                     reads[where(sites.ffn_out)] = (where(residual), None)
                 else:  # post-norm: z = LN(h + x), x being the FFN input
                     reads[where(sites.ffn_out)] = (where(sites.ffn_in), where(sites.ffn_norm))
-        config = replace(self, target_modules=list(reads))
-        config.site_reads = reads  # (captured module, post-norm module) per target; not saved
-        return config
+        return replace(self, target_modules=list(reads), site_reads=reads)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..engine.capture import CapturingLayer
 from ..compat import is_conv1d
+from ..config import unsaved
 from ..engine.layers import innermost, out_features
 from ..engine.sites import block_paths, block_sites_of, resolve_in_block
 from ..engine.virtual import SIDE
@@ -54,6 +55,7 @@ class CrossPrefixConfig(PrefixTuningConfig):
     prefix_form: Literal["cross_attn", "cross_attn_noln", "cross_attn_relu"] = "cross_attn_noln"
     layers_to_transform: Optional[Union[list[int], int]] = None
     target_modules: Optional[list[str]] = None  # every block's attention output projection, filled in
+    site_reads: Optional[dict] = unsaved()  # per target: its CrossPrefixHparams, read from the model
 
     def resolved(self, model: nn.Module) -> "CrossPrefixConfig":
         sites = block_sites_of(model, f"attn_option={self.prefix_form!r}")
@@ -69,11 +71,9 @@ class CrossPrefixConfig(PrefixTuningConfig):
                 resolve_in_block(model, block, sites.attn_in), query, sites.query_layout, index, heads,
                 width // heads, self.prefix_form)
         head_dim = next(iter(reads.values())).head_dim
-        config = replace(self, target_modules=list(reads), num_layers=len(blocks), num_transformer_submodules=1,
-                         token_dim=kv_heads * head_dim, num_attention_heads=kv_heads,
-                         encoder_hidden_size=self.encoder_hidden_size or kv_heads * head_dim)
-        config.site_reads = reads  # not saved
-        return config
+        return replace(self, target_modules=list(reads), num_layers=len(blocks), num_transformer_submodules=1,
+                       token_dim=kv_heads * head_dim, num_attention_heads=kv_heads,
+                       encoder_hidden_size=self.encoder_hidden_size or kv_heads * head_dim, site_reads=reads)
 
 
 def build_side_prefix(model: nn.Module, config: CrossPrefixConfig, layers=()) -> PrefixKeysValues:

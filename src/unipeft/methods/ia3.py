@@ -199,10 +199,7 @@ class IA3Linear(AdapterLayer):
 
 
 def ia3_layer_for(module: nn.Module, config: IA3Config):
-    if is_conv1d(module):
-        config.fan_in_fan_out = True  # recorded for readers of adapter_config.json; the layer knows anyway
-        return IA3Linear
-    return IA3Linear if isinstance(module, nn.Linear) else None
+    return IA3Linear if isinstance(module, nn.Linear) or is_conv1d(module) else None
 
 
 register_method(MethodSpec("IA3", IA3Config, ia3_layer_for, "ia3_", DEFAULT_TARGETS))

@@ -248,8 +248,6 @@ def _factor_product(layer, name: str) -> torch.Tensor:
 
 def lora_layer_for(module: nn.Module, config: LoraConfig):
     linear = is_conv1d(module) or isinstance(module, nn.Linear)
-    if is_conv1d(module):
-        config.fan_in_fan_out = True  # recorded for readers of adapter_config.json; the layer knows anyway
     if config.use_dora:
         if not linear:
             from ..engine.targeting import TargetError
