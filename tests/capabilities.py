@@ -112,6 +112,44 @@ def prefix_count(model, task):  # the MLP reads token_dim, the key/value width f
     return T * kv + mlp([kv, H, layers * 2 * kv]), T * layers * 2 * kv
 
 
+def blocks(model) -> int:
+    """Transformer blocks: the encoder's and the decoder's in an encoder-decoder model."""
+    c = model.config
+    if not getattr(c, "is_encoder_decoder", False):
+        return dims(model)[1]
+    encoder = getattr(c, "encoder_layers", None) or c.num_layers
+    return encoder + (getattr(c, "decoder_layers", None) or getattr(c, "num_decoder_layers", None) or encoder)
+
+
+def attention_layers(model) -> int:
+    """Attentions in the model: an encoder-decoder's decoder blocks have two (self and cross)."""
+    c = model.config
+    return blocks(model) + (blocks(model) - (getattr(c, "encoder_layers", None) or c.num_layers)
+                            if getattr(c, "is_encoder_decoder", False) else 0)
+
+
+def adapter_count(sites: int, norm: bool = False, scalar: bool = False):
+    """Bottleneck adapters (Houlsby et al.): per block and site a down projection d -> R and an up projection
+    R -> d with biases, a LayerNorm before it (Pfeiffer's `in` option), a learned output scale (scaled parallel)."""
+    def count(model, task):
+        d = dims(model)[0]
+        return blocks(model) * sites * (2 * d * R + R + d + 2 * d * norm + scalar)
+    return count
+
+
+def mam_count(model, task):
+    """He et al.'s MAM: a 3-token prefix at every attention from an MLP of width 8, and a parallel FFN adapter."""
+    _, _, kv = dims(model)
+    sites = attention_layers(model)
+    ffn = adapter_count(1)(model, task)
+    return ffn + 3 * kv + mlp([kv, 8, sites * 2 * kv]), ffn + 3 * sites * 2 * kv
+
+
+def idpg_count(model, task):  # the generator reads the pooled sentence vector and writes T virtual tokens
+    d, _, _ = dims(model)
+    return mlp([d, H, T * d])
+
+
 # ---- the table --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Method:
@@ -149,7 +187,8 @@ METHODS: dict[str, Method] = {
                    twin=lambda lib, task: lib.LoHaConfig(task_type=task, r=R, alpha=2 * R, init_weights=False),
                    twin_cells=(("bert", "SEQ_CLS"), ("t5", "SEQ_2_SEQ_LM"), ("llama", "CAUSAL_LM"))),  # PEFT: nn.Linear only
     "lokr": Method(lambda task: unipeft.LoKrConfig(task_type=task, r=R, alpha=2 * R), **WEIGHTS),
-    "oft": Method(lambda task: unipeft.OFTConfig(task_type=task, r=0, oft_block_size=4), **WEIGHTS),
+    "oft": Method(lambda task: unipeft.OFTConfig(task_type=task, r=0, oft_block_size=4), **WEIGHTS,
+                  count=per_target(LORA, lambda p, i, o: i // 4 * (4 * 3 // 2))),  # a skew-symmetric 4 × 4 per block
     # the feature-extraction loss reads the last hidden state only, which BERT's pooler (a default target) does not reach
     "adalora": Method(lambda task: unipeft.AdaLoraConfig(task_type=task, init_r=R, target_r=R // 2, total_step=100,
                                                  exclude_modules=["pooler.dense"]), **WEIGHTS,
@@ -166,12 +205,17 @@ METHODS: dict[str, Method] = {
                    twin=lambda lib, task: lib.VeraConfig(task_type=task, r=R, init_weights=False),
                    twin_cells=(("bert", "SEQ_CLS"), ("opt", "CAUSAL_LM"), ("t5", "SEQ_2_SEQ_LM"), ("bart", "SEQ_2_SEQ_LM"),
                                ("llama", "CAUSAL_LM"), ("qwen2", "CAUSAL_LM"))),  # PEFT asks fan_in_fan_out for Conv1D
-    "houlsby": Method(lambda task: unipeft.HoulsbyConfig(task_type=task, bottleneck_size=R)),
-    "pfeiffer": Method(lambda task: unipeft.PfeifferConfig(task_type=task, bottleneck_size=R, layernorm_option="in")),
-    "parallel": Method(lambda task: unipeft.ParallelAdapterConfig(task_type=task, bottleneck_size=R)),
+    "houlsby": Method(lambda task: unipeft.HoulsbyConfig(task_type=task, bottleneck_size=R),
+                      count=adapter_count(2)),  # after attention and after the FFN
+    "pfeiffer": Method(lambda task: unipeft.PfeifferConfig(task_type=task, bottleneck_size=R, layernorm_option="in"),
+                       count=adapter_count(1, norm=True)),  # after the FFN only
+    "parallel": Method(lambda task: unipeft.ParallelAdapterConfig(task_type=task, bottleneck_size=R),
+                       count=adapter_count(1)),
     "scaled_parallel": Method(lambda task: unipeft.ScaledParallelAdapterConfig(task_type=task, bottleneck_size=R,
-                                                                       scalar="learnable_scalar")),
-    "mam": Method(lambda task: unipeft.MAMConfig(task_type=task, attn_bn=3, ffn_bn=R, mid_dim=8), **PREFIX),
+                                                                       scalar="learnable_scalar"),
+                              count=adapter_count(1, scalar=True)),
+    "mam": Method(lambda task: unipeft.MAMConfig(task_type=task, attn_bn=3, ffn_bn=R, mid_dim=8), **PREFIX,
+                  count=mam_count),
     "lora+pfeiffer": Method(lambda task: unipeft.UnifiedConfig(
         task_type=task, attn_mode="lora", attn_bn=R, ffn_mode="adapter", ffn_option="pfeiffer", ffn_bn=R,
         ffn_adapter_layernorm_option="in")),
@@ -187,7 +231,7 @@ METHODS: dict[str, Method] = {
     "prefix": Method(lambda task: unipeft.PrefixTuningConfig(task_type=task, num_virtual_tokens=T, prefix_projection=True,
                                                      encoder_hidden_size=H), **PREFIX, count=prefix_count),
     "idpg": Method(lambda task: unipeft.IDPGConfig(task_type=task, num_virtual_tokens=T, generator_hidden_size=H,
-                                           generator_dropout=0.0), **PROMPT),
+                                           generator_dropout=0.0), **PROMPT, count=idpg_count),
 }
 
 
