@@ -100,6 +100,24 @@ def test_invalid_values(kw, match):
         LoraConfig(**kw)
 
 
+def _configs_with(field_name: str) -> list[type]:
+    from unipeft.registry import get_method, known_peft_types
+
+    classes = {get_method(t).config_cls for t in known_peft_types()}
+    return sorted((c for c in classes if field_name in c.__dataclass_fields__), key=lambda c: c.__name__)
+
+
+@pytest.mark.parametrize("config_cls", _configs_with("layers_pattern"), ids=lambda c: c.__name__)
+def test_every_targeting_config_checks_its_targeting_fields(config_cls):
+    """One check for every config with the targeting fields: a layers_pattern alone selects nothing; sets of
+    module names are kept as sorted lists (JSON has no sets)."""
+    needed = {"total_step": 10} if config_cls.__name__ == "AdaLoraConfig" else {}  # its schedule's length
+    with pytest.raises(ConfigError, match=f"{config_cls.__name__}.layers_pattern only applies together with "
+                                          f"layers_to_transform"):
+        config_cls(layers_pattern="layers", **needed)
+    assert config_cls(target_modules={"value", "query"}, **needed).target_modules == ["query", "value"]
+
+
 def test_unknown_json_fields_warn_and_are_ignored(tmp_path):
     data = {"peft_type": "LORA", "r": 4, "future_knob": 3, "another": None}
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))

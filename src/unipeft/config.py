@@ -89,6 +89,9 @@ class PeftConfig:
         self.validate()
 
     def validate(self) -> None:
+        for key in ("target_modules", "exclude_modules"):  # the targeting fields, where a method has them
+            if isinstance(getattr(self, key, None), (set, tuple)):
+                setattr(self, key, sorted(getattr(self, key)))
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -104,6 +107,8 @@ class PeftConfig:
                 raise ConfigError(
                     f"unknown task_type {self.task_type!r}; choose one of {[t.value for t in TaskType]}"
                 ) from None
+        if getattr(self, "layers_pattern", None) is not None and getattr(self, "layers_to_transform", None) is None:
+            raise ConfigError(f"{type(self).__name__}.layers_pattern only applies together with layers_to_transform")
 
     # ---- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

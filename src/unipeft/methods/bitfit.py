@@ -59,10 +59,6 @@ class BitFitConfig(PeftConfig):
         if bad or not groups:
             raise ConfigError(f"BitFitConfig.bias_groups must be 'all' or a non-empty list drawn from {list(GROUPS)}, "
                               f"got {self.bias_groups!r}")
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ConfigError("BitFitConfig.layers_pattern only applies together with layers_to_transform")
 
     def resolved(self, model: nn.Module) -> "BitFitConfig":
         """A copy whose target_modules lists the biased modules of the chosen groups (narrowed by an

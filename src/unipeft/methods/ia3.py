@@ -62,17 +62,14 @@ class IA3Config(PeftConfig):
     _peft_neutral_fields = {"peft_version": None}  # HF PEFT's IA3Config has no other field we lack
 
     def validate(self) -> None:
-        for key in ("target_modules", "exclude_modules", "feedforward_modules"):
-            if isinstance(getattr(self, key), (set, tuple)):
-                setattr(self, key, sorted(getattr(self, key)))
+        if isinstance(self.feedforward_modules, (set, tuple)):
+            self.feedforward_modules = sorted(self.feedforward_modules)
         super().validate()
         if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
             stray = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if stray:
                 raise ConfigError(f"IA3Config.feedforward_modules must be a subset of target_modules; "
                                   f"{stray} are not in target_modules={self.target_modules}")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ConfigError("IA3Config.layers_pattern only applies together with layers_to_transform")
 
     def resolved(self, model) -> "IA3Config":
         """A copy with the family's default target and feedforward lists filled in (recorded, as PEFT does)."""

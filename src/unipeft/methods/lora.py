@@ -64,13 +64,9 @@ class LoraConfig(PeftConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         self.check_ranks()
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ConfigError("LoraConfig.layers_pattern only applies together with layers_to_transform")
 
     def check_ranks(self) -> None:
         if self.r <= 0 or any(v <= 0 for v in self.rank_pattern.values()):

@@ -33,15 +33,11 @@ class LycorisConfig(PeftConfig):
     def validate(self) -> None:
         super().validate()
         name = type(self).__name__
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if self.r <= 0 or any(v <= 0 for v in self.rank_pattern.values()):
             raise ConfigError(f"{name}.r must be a positive integer, got r={self.r}, rank_pattern={self.rank_pattern}")
         for dropout in ("rank_dropout", "module_dropout"):
             if not 0.0 <= getattr(self, dropout) <= 1.0:
                 raise ConfigError(f"{name}.{dropout} must be in [0, 1], got {getattr(self, dropout)}")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ConfigError(f"{name}.layers_pattern only applies together with layers_to_transform")
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         return pattern_value(self.rank_pattern, module_name, self.r), pattern_value(self.alpha_pattern, module_name, self.alpha)

@@ -60,15 +60,11 @@ class OFTConfig(PeftConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if (self.r == 0) == (self.oft_block_size == 0) or min(self.r, self.oft_block_size) < 0:
             raise ConfigError(f"OFTConfig: set exactly one of r (number of blocks) and oft_block_size to a positive "
                               f"value and the other to 0; got r={self.r}, oft_block_size={self.oft_block_size}")
         if not 0.0 <= self.module_dropout <= 1.0:
             raise ConfigError(f"OFTConfig.module_dropout must be in [0, 1], got {self.module_dropout}")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ConfigError("OFTConfig.layers_pattern only applies together with layers_to_transform")
 
     def to_saved_json(self) -> str:
         # PEFT warns that a Cayley-Neumann adapter without peft_version >= 0.18 has outdated math; ours is 0.21.2's

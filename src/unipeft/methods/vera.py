@@ -45,14 +45,10 @@ class VeraConfig(PeftConfig):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
         if self.r <= 0:
             raise ConfigError(f"VeraConfig.r must be a positive integer, got {self.r}")
         if not 0.0 <= self.vera_dropout < 1.0:
             raise ConfigError(f"VeraConfig.vera_dropout must be in [0, 1), got {self.vera_dropout}")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ConfigError("VeraConfig.layers_pattern only applies together with layers_to_transform")
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
