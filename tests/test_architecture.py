@@ -37,6 +37,19 @@ def test_cli_train_and_peft_model_import_no_method_module():
     assert {f: m for f, m in offenders.items() if m} == {}
 
 
+def test_the_engine_imports_no_method_and_no_prompt_machinery():
+    """Methods and the virtual-token hooks build on the engine, never the other way round."""
+    offenders = {str(f.relative_to(SRC)): sorted(m for m in imported_modules(f)
+                                                 if m.startswith(("unipeft.methods", "unipeft.virtual")))
+                 for f in sorted((SRC / "engine").glob("*.py"))}
+    assert {f: m for f, m in offenders.items() if m} == {}
+
+
+def test_the_engine_stays_within_its_line_budget():  # issue 18's target
+    lines = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in (SRC / "engine").glob("*.py"))
+    assert lines <= 1500, f"engine/ has {lines} lines; the budget is 1,500"
+
+
 METHOD_WORDS = {"lora", "dora", "loha", "lokr", "oft", "adalora", "ia3", "bitfit", "houlsby", "pfeiffer", "idpg",
                 "mam", "vera", "bottleneck"}
 

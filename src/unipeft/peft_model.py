@@ -166,7 +166,7 @@ class PeftModel(nn.Module):
     @contextmanager
     def _pinned_prompts(self, args, kwargs):
         """Instance-dependent prompts (IDPG) come from the input, not from the tokens generated so far."""
-        virtual = self.base_model.virtual_inputs
+        virtual = getattr(self.base_model, "virtual_inputs", None)
         found = virtual.active() if virtual is not None else None
         if found is None or not found[1].per_instance:
             yield

@@ -62,7 +62,7 @@ class MethodSpec:
     # (adapter_model, adapters, weights, new name, combination_type, svd_rank) -> None: PeftModel.add_weighted_adapter
     add_weighted_adapter: Optional[Callable] = None
     # (model, resolved config, planned layers) -> engine.model_parts.ModelPart: what one adapter holds once at the
-    # model level (a prompt method's engine.virtual.VirtualInput, VeRA's shared projections); layers reach it in
+    # model level (a prompt method's virtual.inputs.VirtualInput, VeRA's shared projections); layers reach it in
     # `attach` through adapter_model.part_of(name)
     model_part: Optional[Callable] = None
 

@@ -25,7 +25,6 @@ from .model_parts import PART_HOMES, ModelPart
 from .sharding import numel, plain_copy, shape, whole_parameters
 from .sites import default_targets
 from .targeting import TargetError, find_targets, logical_modules, name_matches
-from .virtual import VirtualInputs
 
 
 @dataclass
@@ -72,7 +71,6 @@ class AdapterModel(MergeAndRemove, nn.Module):
         self.adapter_state = AdapterState()
         self.prompt_encoder = nn.ModuleDict()  # model parts by adapter name: prompts (HF PEFT's attribute name)
         self.model_parts = nn.ModuleDict()  # and the others (engine.model_parts.PART_HOMES)
-        self.virtual_inputs: VirtualInputs | None = None
         self.method_state: dict[str, Any] = {}  # what a method keeps across steps, by adapter name
         self.add_adapter(adapter_name, config, state_dict, source)
 
@@ -232,10 +230,8 @@ class AdapterModel(MergeAndRemove, nn.Module):
     def apply_plan(self, plan: AdapterPlan) -> None:
         existing = {id(m) for m in self.model.modules()}
         if plan.part is not None:  # first: adapter layers reach it when attached
-            plan.part.adapter_state = self.adapter_state
             getattr(self, plan.part.home)[plan.name] = plan.part
-            if len(self.prompt_encoder) and self.virtual_inputs is None:
-                self.virtual_inputs = VirtualInputs(self.model, self.adapter_state, self.prompt_encoder)
+            plan.part.attached(self)
         for planned in plan.layers:
             outer = self.model.get_submodule(planned.module_name)
             module = wrapper_of(outer, planned.layer_cls)

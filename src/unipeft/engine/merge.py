@@ -70,12 +70,10 @@ class MergeAndRemove:
         return self.model
 
     def _drop_part(self, name: str) -> None:
-        for home in PART_HOMES:
-            if name in getattr(self, home):
-                del getattr(self, home)[name]
-        if not len(self.prompt_encoder) and self.virtual_inputs is not None:
-            self.virtual_inputs.remove()
-            self.virtual_inputs = None
+        part = self.part_of(name)
+        if part is not None:
+            del getattr(self, part.home)[name]
+            part.detached(self)
 
     def delete_adapter(self, name: str) -> None:
         self.check_names([name])

@@ -49,6 +49,12 @@ class ModelPart(nn.Module):
         """Move it next to the base weights (built parts start where their builder put them)."""
         return self.to(device, dtype)
 
+    def attached(self, adapter_model: nn.Module) -> None:
+        """Called once the AdapterModel holds it, before the adapter's layers attach (prompts install their hooks)."""
+
+    def detached(self, adapter_model: nn.Module) -> None:
+        """Called after the AdapterModel dropped it (the last prompt removes the hooks)."""
+
 
 class SharedTensors(ModelPart):
     """Frozen tensors one adapter's layers share (VeRA's projections), as buffers. `saved`: whether the

@@ -28,7 +28,7 @@ from ..compat import is_conv1d
 from ..config import unsaved
 from ..engine.layers import innermost, out_features
 from ..engine.sites import block_paths, block_sites_of, resolve_in_block
-from ..engine.virtual import SIDE
+from ..virtual.inputs import SIDE
 from ..registry import MethodSpec, register_method
 from .prefix import PrefixKeysValues, PrefixTuningConfig
 

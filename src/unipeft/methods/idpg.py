@@ -36,7 +36,7 @@ from ..engine.checkpoint import CheckpointMismatchError
 from ..engine.model_parts import check_and_copy
 from ..engine.layers import AdapterError
 from ..engine.sites import blocks_of, body_of
-from ..engine.virtual import TOKENS, VirtualInput
+from ..virtual.inputs import TOKENS, VirtualInput
 from ..registry import Knobs, MethodSpec, Preset, register_method, register_preset
 from .prompt import PromptLearningConfig, _model_dim
 

@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
-from ..engine.prefix_attention import CROSS, DECODER_SELF, ENCODER_SELF, PREFIX_SITES, attention_layers
-from ..engine.prefix_cache import supports_cache
-from ..engine.virtual import PREFIX
+from ..virtual.prefix_attention import CROSS, DECODER_SELF, ENCODER_SELF, PREFIX_SITES, attention_layers
+from ..virtual.inputs import PREFIX
+from ..virtual.prefix_cache import supports_cache
 from ..registry import MethodSpec, Preset, register_method, register_preset
 from .prompt import PromptLearningConfig, VirtualPrompt
 

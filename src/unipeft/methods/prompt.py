@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..config import ConfigError, PeftConfig
 from ..engine.checkpoint import CheckpointMismatchError
 from ..engine.model_parts import check_and_copy
-from ..engine.virtual import TOKENS, VirtualInput
+from ..virtual.inputs import TOKENS, VirtualInput
 from ..registry import MethodSpec, Preset, register_method, register_preset
 
 __all__ = ["PromptLearningConfig", "PromptTuningConfig", "PromptEncoderConfig", "PromptTuningInit",

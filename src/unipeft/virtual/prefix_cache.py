@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 from .. import compat
-from .layers import AdapterError
-from .sites import body_of
+from ..engine.layers import AdapterError
+from ..engine.sites import body_of
 
 
 def frozen_cache(self_prefix, encoder_decoder: bool, cross_prefix=None):

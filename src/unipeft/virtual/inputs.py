@@ -33,10 +33,10 @@ import torch
 import torch.nn as nn
 
 from .. import compat
-from .layers import AdapterError, AdapterState
-from .model_parts import ModelPart
+from ..engine.layers import AdapterError, AdapterState
+from ..engine.model_parts import ModelPart
+from ..engine.sites import blocks_of, body_of
 from .prefix_cache import batched, expand_rows, fill_cache, frozen_cache, take_cache
-from .sites import blocks_of, body_of
 from .prefix_attention import (
     CROSS, DECODER_SELF, ENCODER_PREFIX, ENCODER_SELF, grow_mask, hook_encoder_attention, sites_of,
 )
@@ -60,6 +60,19 @@ class VirtualInput(ModelPart):
 
     def owns(self, key: str) -> bool:
         return "." not in key or key.startswith(PROMPT_ENCODER_KEY)  # prompt_embeddings, prompt_encoder.*
+
+    def attached(self, adapter_model: nn.Module) -> None:
+        """The first prompt of a model installs the hooks that insert the active one (`virtual_inputs`)."""
+        self.adapter_state = adapter_model.adapter_state
+        if getattr(adapter_model, "virtual_inputs", None) is None:
+            adapter_model.virtual_inputs = VirtualInputs(adapter_model.model, adapter_model.adapter_state,
+                                                         adapter_model.prompt_encoder)
+
+    def detached(self, adapter_model: nn.Module) -> None:
+        hooks = getattr(adapter_model, "virtual_inputs", None)
+        if hooks is not None and not len(adapter_model.prompt_encoder):
+            hooks.remove()
+            adapter_model.virtual_inputs = None
 
     def tokens(self, inputs: dict[str, Any]) -> torch.Tensor:
         """[1 or B, t, d] vectors prepended to the input embeddings (kind TOKENS). A deep prompt gives one
@@ -291,7 +304,7 @@ class VirtualInputs:
         return args, {**kwargs, "hidden_states": hidden}
 
     def _check_checkpointing(self, module: nn.Module) -> None:
-        from .sites import family_of
+        from ..engine.sites import family_of
 
         family = family_of(self.model)
         if module.training and getattr(module, "gradient_checkpointing", False) and family and not family.checkpointing_keeps_cache:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .. import compat
-from .layers import AdapterError
+from ..engine.layers import AdapterError
 
 DECODER_SELF, ENCODER_SELF, CROSS = "decoder_self", "encoder_self", "cross"
 PREFIX_SITES = (DECODER_SELF, ENCODER_SELF, CROSS)  # also the order of their blocks in the stored tensor
