@@ -145,6 +145,18 @@ def mam_count(model, task):
     return ffn + 3 * kv + mlp([kv, 8, sites * 2 * kv]), ffn + 3 * sites * 2 * kv
 
 
+def lora_pfeiffer_count(model, task):  # LoRA on the attention (HF PEFT's default targets), Pfeiffer at the FFN
+    return per_target(LORA, lambda p, i, o: R * (i + o))(model, task) + adapter_count(1, norm=True)(model, task)
+
+
+def cross_attn_count(model, task):
+    """He et al.'s prefix as its own attention branch: 3 keys and values per block from an MLP of width 8, a
+    LayerNorm over each block's branch output (cross_attn), and a sequential FFN adapter."""
+    d, _, kv = dims(model)
+    n, ffn = blocks(model), adapter_count(1)(model, task)
+    return ffn + 3 * kv + mlp([kv, 8, n * 2 * kv]) + n * 2 * d, ffn + 3 * n * 2 * kv + n * 2 * d
+
+
 def idpg_count(model, task):  # the generator reads the pooled sentence vector and writes T virtual tokens
     d, _, _ = dims(model)
     return mlp([d, H, T * d])
@@ -218,13 +230,13 @@ METHODS: dict[str, Method] = {
                   count=mam_count),
     "lora+pfeiffer": Method(lambda task: unipeft.UnifiedConfig(
         task_type=task, attn_mode="lora", attn_bn=R, ffn_mode="adapter", ffn_option="pfeiffer", ffn_bn=R,
-        ffn_adapter_layernorm_option="in")),
+        ffn_adapter_layernorm_option="in"), count=lora_pfeiffer_count),
     "adapter+lora": Method(lambda task: unipeft.UnifiedConfig(
         task_type=task, attn_mode="adapter", attn_option="parallel", attn_bn=R, ffn_mode="lora", ffn_bn=R)),
     # the prefix as a separate attention branch (no cache needed, not zero at init) and a sequential FFN adapter
     "cross_attn": Method(lambda task: unipeft.UnifiedConfig(
         task_type=task, attn_mode="prefix", attn_option="cross_attn", attn_bn=3, mid_dim=8, ffn_mode="adapter",
-        ffn_option="sequential", ffn_bn=R), identity_at_init=False),
+        ffn_option="sequential", ffn_bn=R), identity_at_init=False, count=cross_attn_count),
     "prompt": Method(lambda task: unipeft.PromptTuningConfig(task_type=task, num_virtual_tokens=T), **PROMPT, count=prompt_count),
     "ptuning": Method(lambda task: unipeft.PromptEncoderConfig(task_type=task, num_virtual_tokens=T, encoder_hidden_size=H),
                       **PROMPT, count=ptuning_count),
