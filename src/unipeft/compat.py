@@ -215,6 +215,13 @@ def is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def linear_dims(module: nn.Module) -> tuple[int, int, bool]:
+    """(in features, out features, transposed) of a Linear, or of a Conv1D, whose weight is transposed."""
+    transposed = is_conv1d(module)
+    in_features, out_features = module.weight.shape if transposed else module.weight.shape[::-1]
+    return in_features, out_features, transposed
+
+
 def is_exact_conv1d(module: nn.Module) -> bool:
     """`module` is transformers' Conv1D itself, not a subclass (whose forward may differ)."""
     from transformers.pytorch_utils import Conv1D

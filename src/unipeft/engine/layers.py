@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..compat import is_conv1d
+from ..compat import linear_dims
 
 BASE = "__base__"  # mixed-batch name meaning "no adapter for this row"
 
@@ -243,8 +243,7 @@ def wrapper_of(module: nn.Module, layer_cls: type) -> "AdapterLayer | None":
 
 
 def out_features(module: nn.Module) -> int:
-    base = innermost(module)
-    return base.weight.shape[1] if is_conv1d(base) else base.weight.shape[0]
+    return linear_dims(innermost(module))[1]
 
 
 def innermost(module: nn.Module) -> nn.Module:

@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..compat import is_conv1d, linear_dims
 from ..config import ConfigError
-from ..engine.layers import AdapterError, AdapterLayer, is_conv1d, logical_name
+from ..engine.layers import AdapterError, AdapterLayer, logical_name
 from ..engine.sharding import numel
 from ..registry import MethodSpec, PeftType, Preset, register_method, register_preset
 from .lora import DEFAULT_TARGETS as LORA_TARGETS
@@ -97,8 +98,7 @@ class SVDLinear(AdapterLayer):
 
     @classmethod
     def make_parts(cls, base_layer, config: AdaLoraConfig, module_name: str):
-        transposed = is_conv1d(base_layer)
-        out_features, in_features = base_layer.weight.shape[::-1] if transposed else base_layer.weight.shape
+        in_features, out_features, transposed = linear_dims(base_layer)
         r = config.kept_rank(module_name)
         kw = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         A, E, B = torch.randn(r, in_features, **kw), torch.randn(r, 1, **kw), torch.randn(out_features, r, **kw)

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, PeftConfig
-from ..compat import is_conv1d
+from ..compat import is_conv1d, linear_dims
 from ..engine.layers import AdapterError, AdapterLayer, innermost
 from ..registry import MethodSpec, PeftType, Preset, register_method, register_preset
 
@@ -110,8 +110,7 @@ class IA3Linear(AdapterLayer):
     @classmethod
     def make_parts(cls, base_layer, config: IA3Config, module_name: str):
         weight = base_layer.weight
-        transposed = is_conv1d(base_layer)
-        in_features, out_features = weight.shape if transposed else weight.shape[::-1]
+        in_features, out_features, transposed = linear_dims(base_layer)
         feedforward = config.is_feedforward(module_name)
         shape = (1, in_features) if feedforward else (out_features, 1)
         init = torch.ones if config.init_ia3_weights else torch.randn

@@ -15,11 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..compat import is_conv1d
-from ..engine.layers import AdapterLayer, out_features
+from ..compat import is_conv1d, linear_dims
+from ..engine.layers import out_features
 from ..registry import MethodSpec, Preset, register_method, register_preset
 from .lora import DEFAULT_TARGETS as LORA_TARGETS
-from .lycoris import LycorisConfig, LycorisHparams, module_dropped, rank_keep
+from .lycoris import LycorisConfig, LycorisHparams, LycorisLinear, module_dropped, rank_keep
 
 __all__ = ["LoHaConfig"]
 
@@ -30,12 +30,11 @@ class LoHaConfig(LycorisConfig):
     init_weights: bool = True
 
 
-class LoHaLinear(AdapterLayer):
+class LoHaLinear(LycorisLinear):
     @classmethod
     def make_parts(cls, base_layer, config: LoHaConfig, module_name: str):
         r, alpha = config.rank_and_alpha(module_name)
-        transposed = is_conv1d(base_layer)
-        out_features, in_features = base_layer.weight.shape[::-1] if transposed else base_layer.weight.shape
+        in_features, out_features, transposed = linear_dims(base_layer)
         kw = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         parts = {"hada_w1_a": torch.empty(out_features, r, **kw), "hada_w1_b": torch.empty(r, in_features, **kw),
                  "hada_w2_a": torch.empty(out_features, r, **kw), "hada_w2_b": torch.empty(r, in_features, **kw)}
@@ -59,10 +58,6 @@ class LoHaLinear(AdapterLayer):
         if self.training and hp.rank_dropout:  # LyCORIS's LoHa always rescales by the mask's mean
             delta = delta * rank_keep(delta.shape[0], hp.rank_dropout, rescale=True).to(delta)[:, None]
         return F.linear(x.to(delta.dtype), delta)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        delta = self._delta_out_in(name)
-        return delta.t() if self.hparams[name].transposed else delta
 
 
 def loha_layer_for(module: nn.Module, config: LoHaConfig):

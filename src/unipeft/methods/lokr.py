@@ -20,12 +20,12 @@ import torch
 import torch.nn as nn
 
 from ..config import ConfigError
-from ..compat import is_conv1d
-from ..engine.layers import AdapterLayer, out_features
+from ..compat import is_conv1d, linear_dims
+from ..engine.layers import out_features
 from ..engine.targeting import TargetError
 from ..registry import MethodSpec, Preset, register_method, register_preset
 from .lora import DEFAULT_TARGETS as LORA_TARGETS
-from .lycoris import LycorisConfig, LycorisHparams, module_dropped, rank_keep
+from .lycoris import LycorisConfig, LycorisHparams, LycorisLinear, module_dropped, rank_keep
 
 __all__ = ["LoKrConfig"]
 
@@ -82,12 +82,11 @@ class _KroneckerApply(torch.autograd.Function):
         return grad_x, grad_w1, grad_w2
 
 
-class LoKrLinear(AdapterLayer):
+class LoKrLinear(LycorisLinear):
     @classmethod
     def make_parts(cls, base_layer, config: LoKrConfig, module_name: str):
         r, alpha = config.rank_and_alpha(module_name)
-        transposed = is_conv1d(base_layer)
-        out_features, in_features = base_layer.weight.shape[::-1] if transposed else base_layer.weight.shape
+        in_features, out_features, transposed = linear_dims(base_layer)
         factor = config.decompose_factor
         for what, size in (("out_features", out_features), ("in_features", in_features)):
             if factor > 0 and size % factor:
@@ -127,10 +126,6 @@ class LoKrLinear(AdapterLayer):
         if self.training and hp.rank_dropout:
             y = y * rank_keep(y.shape[-1], hp.rank_dropout, hp.rank_dropout_scale).to(y)
         return y
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        delta = self._delta_out_in(name)
-        return delta.t() if self.hparams[name].transposed else delta
 
 
 def lokr_layer_for(module: nn.Module, config: LoKrConfig):

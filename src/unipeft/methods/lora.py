@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, PeftConfig
-from ..compat import is_conv1d, is_exact_conv1d
+from ..compat import is_conv1d, is_exact_conv1d, linear_dims
 from ..engine.layers import AdapterLayer
 from ..registry import MethodSpec, PeftType, Preset, register_method, register_preset
 
@@ -154,8 +154,7 @@ class LoraLinear(AdapterLayer):
     def make_parts(cls, base_layer, config: LoraConfig, module_name: str):
         r, alpha = config.rank_and_alpha(module_name)
         weight = base_layer.weight
-        transposed = is_conv1d(base_layer)  # Conv1D stores [in, out]
-        in_features, out_features = weight.shape[::-1] if not transposed else weight.shape
+        in_features, out_features, transposed = linear_dims(base_layer)
         kw = {"bias": False, "device": weight.device, "dtype": weight.dtype}
         lora_A, lora_B = nn.Linear(in_features, r, **kw), nn.Linear(r, out_features, **kw)
         if config.init_lora_weights == "gaussian":

@@ -12,6 +12,7 @@ from typing import Optional, Union
 import torch
 
 from ..config import ConfigError, PeftConfig
+from ..engine.layers import AdapterLayer
 from .lora import pattern_value
 
 
@@ -50,6 +51,17 @@ class LycorisHparams:
     rank_dropout: float
     module_dropout: float
     rank_dropout_scale: bool = False  # LoKr: rescale by the kept fraction (LoHa always does)
+
+
+class LycorisLinear(AdapterLayer):
+    """What LoHa and LoKr layers share: ΔW built as [out, in] by `_delta_out_in`, stored as the base keeps it."""
+
+    def _delta_out_in(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = self._delta_out_in(name)
+        return delta.t() if self.hparams[name].transposed else delta
 
 
 def module_dropped(training: bool, p: float) -> bool:

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, PeftConfig
-from ..compat import is_conv1d
+from ..compat import is_conv1d, linear_dims
 from ..engine.layers import AdapterLayer, innermost
 from ..engine.targeting import TargetError
 from ..registry import MethodSpec, Preset, register_method, register_preset
@@ -104,8 +104,7 @@ class OFTLinear(AdapterLayer):
     delta_depends_on_weight = True  # ΔW = W(Mᵀ − I)
     @classmethod
     def make_parts(cls, base_layer, config: OFTConfig, module_name: str):
-        transposed = is_conv1d(base_layer)
-        in_features = base_layer.weight.shape[0 if transposed else 1]
+        in_features, _, transposed = linear_dims(base_layer)
         field, value = ("r", config.r) if config.r else ("oft_block_size", config.oft_block_size)
         if in_features % value:
             nearest = min((d for d in range(1, in_features + 1) if in_features % d == 0), key=lambda d: abs(d - value))

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..compat import is_conv1d
+from ..compat import is_conv1d, linear_dims
 from ..config import ConfigError, PeftConfig
 from ..engine.layers import AdapterLayer
 from ..engine.model_parts import SharedTensors
@@ -79,8 +79,7 @@ class VeraLinear(AdapterLayer):
     @classmethod
     def make_parts(cls, base_layer, config: VeraConfig, module_name: str):
         weight = base_layer.weight
-        transposed = is_conv1d(base_layer)
-        in_features, out_features = weight.shape if transposed else weight.shape[::-1]
+        in_features, out_features, transposed = linear_dims(base_layer)
         kw = {"device": weight.device, "dtype": weight.dtype}
         if config.init_weights:
             lambda_b, lambda_d = torch.zeros(out_features, **kw), torch.full((config.r,), config.d_initial, **kw)
