@@ -316,3 +316,59 @@ def test_a_task_type_the_model_class_cannot_serve_is_refused_naming_the_class_th
     with pytest.raises(ConfigError, match=r"task_type=CAUSAL_LM does not fit BertForSequenceClassification.*BertLMHeadModel"):
         get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2))
     assert_unchanged(model, before)
+
+
+# ---- issue 17's first cases: each refused before anything changes, the message naming the fix ----------------
+def _adapted_bert():
+    return get_peft_model(F.make_model("bert", "SEQ_CLS"), LoraConfig(task_type="SEQ_CLS", r=2))
+
+
+@pytest.mark.parametrize("target", ["its base model", "the PeftModel itself"])
+def test_a_second_get_peft_model_on_an_adapted_model_is_refused(target):
+    peft_model = _adapted_bert()
+    model = peft_model.get_base_model() if target == "its base model" else peft_model
+    before = snapshot(peft_model)
+    with pytest.raises(AdapterError, match=r"already carries adapters; add another one with "
+                                           r"peft_model\.add_adapter\(name, config\)"):
+        get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4))
+    assert_unchanged(peft_model, before)
+    assert peft_model.peft_config["default"].r == 2
+
+
+def test_get_peft_model_on_something_that_is_not_a_model_names_what_it_got():
+    with pytest.raises(TypeError, match=r"must be a torch\.nn\.Module .* got str"):
+        get_peft_model("hello", LoraConfig(task_type="SEQ_CLS"))
+
+
+def test_an_empty_target_list_is_refused_rather_than_saved_as_selecting_nothing():
+    # HF PEFT refuses to load "target_modules": [], so a config holding it must never describe a saved adapter
+    with pytest.raises(ConfigError, match=r"target_modules=\[\] selects no module; leave it None"):
+        LoraConfig(task_type="SEQ_CLS", target_modules=[])
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "loftq", "eva", "orthogonal"])
+def test_hf_peft_initialisations_we_lack_are_named_with_what_is_supported(init):
+    with pytest.raises(ConfigError, match=f"init_lora_weights='{init}' is an HF PEFT initialisation not "
+                                          f"implemented in unipeft; supported: True"):
+        LoraConfig(init_lora_weights=init)
+
+
+def test_runtime_config_at_its_default_loads_and_asking_for_offload_is_refused(tmp_path):
+    # HF PEFT 0.21 writes runtime_config = {"ephemeral_gpu_offload": false} into every LoRA config it saves
+    assert LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "runtime_config": {"ephemeral_gpu_offload": False}}).r == 4
+    with pytest.raises(ConfigError, match="runtime_config=.*does not implement"):
+        LoraConfig.from_dict({"peft_type": "LORA", "runtime_config": {"ephemeral_gpu_offload": True}})
+
+
+def test_adapter_names_given_as_one_string_says_it_is_one_name_per_row():
+    peft_model = _adapted_bert()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(AdapterError, match=r"one name per row of the batch, got the string 'default'; pass "
+                                           r"\['default'\] \* batch_size"):
+        peft_model(input_ids=ids, adapter_names="default")
+
+
+def test_a_rank_above_the_layer_s_dimensions_is_accepted_with_a_warning():
+    # BERT's tiny test model is 32 wide: rank 40 cannot be reached, rank 32 spans the same updates
+    with pytest.warns(UserWarning, match=r"r=40 is above min\(in, out\)=32 of a target layer.*r=32 does the same"):
+        get_peft_model(F.make_model("bert", "SEQ_CLS"), LoraConfig(task_type="SEQ_CLS", r=40))

@@ -61,6 +61,14 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return True
 
 
+def _neutral(value: Any, neutral: Any) -> bool:
+    """Whether an HF PEFT-only field's value asks for nothing (its default, empty, off; a dict of such values,
+    e.g. runtime_config's {"ephemeral_gpu_offload": false})."""
+    if isinstance(value, dict):
+        return value == neutral or all(_neutral(v, None) for v in value.values())
+    return value in (neutral, None, False, [])
+
+
 def _describe(annotation: Any) -> str:
     return str(annotation).replace("typing.", "").replace("NoneType", "None")
 
@@ -92,6 +100,9 @@ class PeftConfig:
         for key in ("target_modules", "exclude_modules"):  # the targeting fields, where a method has them
             if isinstance(getattr(self, key, None), (set, tuple)):
                 setattr(self, key, sorted(getattr(self, key)))
+        if getattr(self, "target_modules", None) == []:
+            raise ConfigError(f"{type(self).__name__}.target_modules=[] selects no module; leave it None for the "
+                              f"model family's default targets, or name the modules to adapt")
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -131,8 +142,7 @@ class PeftConfig:
             if key in known:
                 kwargs[key] = value
             elif key in cls._peft_neutral_fields:
-                neutral = cls._peft_neutral_fields[key]
-                if value not in (neutral, None, False, {}, []) and key != "peft_version":
+                if not _neutral(value, cls._peft_neutral_fields[key]) and key != "peft_version":
                     raise ConfigError(
                         f"{cls.__name__}: field {key}={value!r} asks for a Hugging Face PEFT feature that "
                         f"unipeft does not implement; remove it from the config to load this adapter"

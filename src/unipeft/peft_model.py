@@ -50,6 +50,16 @@ def _with_task_heads(model: nn.Module, config: PeftConfig) -> PeftConfig:
     return config
 
 
+def _check_unadapted(model) -> None:
+    """Adapters go on a plain torch model: a second get_peft_model would rewire the first one's layers."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the model to adapt must be a torch.nn.Module (e.g. from AutoModelForCausalLM."
+                        f"from_pretrained(name)), got {type(model).__name__}")
+    if hasattr(model, "peft_config") or any(isinstance(m, (AdapterLayer, AdapterModel)) for m in model.modules()):
+        raise AdapterError(f"this {type(model).__name__} already carries adapters; add another one with "
+                           f"peft_model.add_adapter(name, config), or start from a fresh base model")
+
+
 def _batch_size(args, kwargs) -> int | None:
     for key in ("input_ids", "inputs_embeds", "pixel_values"):
         if kwargs.get(key) is not None:
@@ -66,6 +76,7 @@ class PeftModel(nn.Module):
                  autocast_adapter_dtype: bool = False, state_dict: dict | None = None, source: str = "state_dict",
                  **_compat_kwargs) -> None:
         super().__init__()
+        _check_unadapted(model)
         check_task(model, peft_config.task_type)
         config = _with_task_heads(model, peft_config) if state_dict is None else dataclasses.replace(peft_config)
         self.base_model = AdapterModel(model, config, adapter_name, state_dict, source)
@@ -139,6 +150,9 @@ class PeftModel(nn.Module):
     # ---- running -------------------------------------------------------------------------------
     @contextmanager
     def _routing(self, adapter_names, args, kwargs):
+        if isinstance(adapter_names, str):
+            raise AdapterError(f"adapter_names is one name per row of the batch, got the string {adapter_names!r}; "
+                               f"pass [{adapter_names!r}] * batch_size, or set_adapter({adapter_names!r}) for every row")
         if adapter_names is not None:
             batch = _batch_size(args, kwargs)
             if batch is not None and len(adapter_names) != batch:

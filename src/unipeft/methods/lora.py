@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional, Union
 
@@ -63,6 +64,10 @@ class LoraConfig(PeftConfig):
     _peft_neutral_fields = _PEFT_ONLY_FIELDS
 
     def validate(self) -> None:
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights != "gaussian":
+            raise ConfigError(f"{type(self).__name__}.init_lora_weights={self.init_lora_weights!r} is an HF PEFT "
+                              f"initialisation not implemented in unipeft; supported: True (B = 0), 'gaussian', "
+                              f"False (random B, for tests)")
         super().validate()
         self.check_ranks()
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -155,6 +160,10 @@ class LoraLinear(AdapterLayer):
         r, alpha = config.rank_and_alpha(module_name)
         weight = base_layer.weight
         in_features, out_features, transposed = linear_dims(base_layer)
+        if r > min(in_features, out_features):
+            warnings.warn(f"LoRA rank r={r} is above min(in, out)={min(in_features, out_features)} of a target layer: "
+                          f"its update cannot have a higher rank, so r={min(in_features, out_features)} does the same "
+                          f"with fewer parameters", stacklevel=2)
         kw = {"bias": False, "device": weight.device, "dtype": weight.dtype}
         lora_A, lora_B = nn.Linear(in_features, r, **kw), nn.Linear(r, out_features, **kw)
         if config.init_lora_weights == "gaussian":
