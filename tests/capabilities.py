@@ -157,6 +157,16 @@ def cross_attn_count(model, task):
     return ffn + 3 * kv + mlp([kv, 8, n * 2 * kv]) + n * 2 * d, ffn + 3 * n * 2 * kv + n * 2 * d
 
 
+def lokr_numel(path: str, fan_in: int, fan_out: int) -> int:
+    """LoKr on a linear layer (decompose_both off): ΔW = w1 ⊗ w2 over HF PEFT's factorisation of in and out
+    (its own function), w1 whole, w2 whole or a rank-R pair when R is under half its larger side."""
+    from peft.tuners.lokr.layer import factorization
+
+    (in_m, in_n), (out_l, out_k) = factorization(fan_in), factorization(fan_out)
+    w2 = out_k * in_n if R >= max(out_k, in_n) / 2 else R * (out_k + in_n)
+    return out_l * in_m + w2
+
+
 def idpg_count(model, task):  # the generator reads the pooled sentence vector and writes T virtual tokens
     d, _, _ = dims(model)
     return mlp([d, H, T * d])
@@ -198,7 +208,8 @@ METHODS: dict[str, Method] = {
                    count=per_target(LORA, lambda p, i, o: 2 * R * (i + o)),  # two rank-r pairs
                    twin=lambda lib, task: lib.LoHaConfig(task_type=task, r=R, alpha=2 * R, init_weights=False),
                    twin_cells=(("bert", "SEQ_CLS"), ("t5", "SEQ_2_SEQ_LM"), ("llama", "CAUSAL_LM"))),  # PEFT: nn.Linear only
-    "lokr": Method(lambda task: unipeft.LoKrConfig(task_type=task, r=R, alpha=2 * R), **WEIGHTS),
+    "lokr": Method(lambda task: unipeft.LoKrConfig(task_type=task, r=R, alpha=2 * R), **WEIGHTS,
+                   count=per_target(LORA, lokr_numel)),
     "oft": Method(lambda task: unipeft.OFTConfig(task_type=task, r=0, oft_block_size=4), **WEIGHTS,
                   count=per_target(LORA, lambda p, i, o: i // 4 * (4 * 3 // 2))),  # a skew-symmetric 4 × 4 per block
     # the feature-extraction loss reads the last hidden state only, which BERT's pooler (a default target) does not reach
