@@ -372,3 +372,21 @@ def test_a_rank_above_the_layer_s_dimensions_is_accepted_with_a_warning():
     # BERT's tiny test model is 32 wide: rank 40 cannot be reached, rank 32 spans the same updates
     with pytest.warns(UserWarning, match=r"r=40 is above min\(in, out\)=32 of a target layer.*r=32 does the same"):
         get_peft_model(F.make_model("bert", "SEQ_CLS"), LoraConfig(task_type="SEQ_CLS", r=40))
+
+
+def test_from_pretrained_with_a_dict_as_config_says_how_to_build_one(tmp_path):
+    _adapted_bert().save_pretrained(tmp_path)
+    base = F.make_model("bert", "SEQ_CLS")
+    before = snapshot(base)
+    with pytest.raises(ConfigError, match=r"config must be a PeftConfig .* got dict; build one from a dict with "
+                                          r"unipeft\.get_peft_config"):
+        PeftModel.from_pretrained(base, tmp_path, config={"r": 2})
+    assert_unchanged(base, before)
+
+
+def test_saving_onto_a_file_path_is_refused_and_the_file_kept(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    with pytest.raises(CheckpointError, match=r"notes\.txt: it is a file, not a folder"):
+        _adapted_bert().save_pretrained(path)
+    assert path.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["notes.txt"]

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .compat import name_or_path, task_model_classes
 from .config import PeftConfig, TaskType, ConfigError
-from .engine.checkpoint import key_prefix, load_adapter_tensors, save_adapter
+from .engine.checkpoint import CheckpointError, key_prefix, load_adapter_tensors, save_adapter
 from .engine.inject import AdapterModel
 from .engine.layers import AdapterError, AdapterLayer, named_part_tensors
 from .engine.sharding import numel, reshard
@@ -246,6 +246,9 @@ class PeftModel(nn.Module):
             raise ValueError("unipeft writes safetensors only; drop safe_serialization=False")
         names = list(selected_adapters or self.peft_config)
         self.base_model.check_names(names)
+        if os.path.exists(save_directory) and not os.path.isdir(save_directory):
+            raise CheckpointError(f"cannot save adapters into {os.fspath(save_directory)}: it is a file, not a "
+                                  f"folder; choose a folder path")
         if not is_main_process:
             return
         for name in names:
@@ -275,6 +278,10 @@ class PeftModel(nn.Module):
 
 
 def _read_adapter(model_id, config, is_trainable, allow_pickle, subfolder, hub_kwargs):
+    if config is not None and not isinstance(config, PeftConfig):
+        raise ConfigError(f"config must be a PeftConfig (e.g. LoraConfig(...)), got {type(config).__name__}; "
+                          f"build one from a dict with unipeft.get_peft_config(...), or leave config out to read "
+                          f"the adapter's own adapter_config.json")
     config = config or PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub_kwargs)
     config = dataclasses.replace(config, inference_mode=not is_trainable)
     tensors, source = load_adapter_tensors(model_id, subfolder, allow_pickle, key_prefix(config), **hub_kwargs)
