@@ -258,3 +258,11 @@ def test_each_run_gets_the_same_options_its_method_and_its_folder(tmp_path, tiny
     assert _table_rows((out / "bench.md").read_text(encoding="utf-8"))[1][:2] == ["lora", "failed: unipeft train: "
                                                                                  "error: fake failure"]
     assert (out / "bench.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_an_empty_method_list_asks_for_method_names(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--methods", ""])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "--methods: expected comma-separated method names, e.g. lora,ia3" in err and "module" not in err

@@ -40,11 +40,14 @@ def _count_or_all(text: str) -> int | None:
     return _positive(int)(text)
 
 
-def _names(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated module names, e.g. query,value")
-    return names
+def _names(what: str, example: str):
+    """An argument type for a comma-separated list of `what` (e.g. "module names"), at least one."""
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, e.g. {example}")
+        return names
+    return parse
 
 
 def _nonnegative_int(text: str) -> int:
@@ -156,7 +159,7 @@ def add_train_parser(subparsers) -> None:
     method.add_argument("--sentence-encoder", default=None, metavar="NAME_OR_PATH",
                         help="idpg and pg: the frozen model that encodes each input for the prompt generator, a Hub "
                              "name or local folder sharing the model's tokenizer (default: the model itself)")
-    method.add_argument("--target-modules", type=_names, default=None,
+    method.add_argument("--target-modules", type=_names("module names", "query,value"), default=None,
                         help="comma-separated module names to adapt (default: the model family's, query,value for BERT)")
     method.add_argument("--bottleneck-size", "--bottleneck", dest="bottleneck_size", type=_positive(int), default=None,
                         help="houlsby, pfeiffer, parallel, scaled_parallel: the adapter's bottleneck width (default: 64)")
@@ -210,7 +213,7 @@ def run_train(args: argparse.Namespace) -> int:
 def _add_checkpoint_options(p) -> None:
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="the --output-dir of a `unipeft train` run")
     p.add_argument("--model", default=None, help="base model (default: the one metrics.json names)")
-    p.add_argument("--labels", type=_names, default=None, help="label names in head order (default: from metrics.json)")
+    p.add_argument("--labels", type=_names("label names", "neg,pos"), default=None, help="label names in head order (default: from metrics.json)")
     p.add_argument("--batch-size", type=_positive(int), default=64, help="(default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     _add_generation_options(p)
@@ -284,7 +287,7 @@ def add_bench_parser(subparsers) -> None:
         "Train each of --methods with the same `unipeft train` options (given after them, e.g. --task sst2 "
         "--epochs 3), each in its own process, and write bench.md and bench.json (task metric, trainable "
         "parameters and %, training time, peak memory) and bench.png (metric vs trainable %) to --output-dir."))
-    p.add_argument("--methods", type=_names, required=True, help=f"comma-separated; known: {', '.join(known_methods())}")
+    p.add_argument("--methods", type=_names("method names", "lora,ia3"), required=True, help=f"comma-separated; known: {', '.join(known_methods())}")
     p.add_argument("--output-dir", default=None, help="(default: runs/bench/<timestamp>)")
     p.set_defaults(handler=run_bench)
 
