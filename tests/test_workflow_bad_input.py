@@ -297,3 +297,6 @@ def test_resume_with_other_data_or_model_options_is_refused(place, run, tiny_mod
     _refused(capsys, ["train", *same, "--max-length", "16", "--split-seed", "7"],
              "options differ from the checkpoint's: split_seed (0 in the checkpoint, 7 now)")
     _refused(capsys, ["train", *same, "--max-length", "32"], "max_length (16 in the checkpoint, 32 now)")
+    err = _refused(capsys, ["train", *same, "--max-length", "16", "--lr", "0.005"],
+                   "options differ from the checkpoint's: lr (0.001 in the checkpoint, 0.005 now); resume with")
+    assert err.count("lr (") == 1, err  # the rate is named once, with the values the loop uses

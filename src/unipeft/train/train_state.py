@@ -175,11 +175,12 @@ def check_resume(folder: str, contents: dict, model, options, num_processes: int
     """UsageError unless the run can continue from `contents`: the same FIXED_ON_RESUME options, the same
     caller's `fixed` values (JSON-normalised), the same number of processes and kind of engine (the
     optimizer state's form), and tensors that fit the model."""
+    loop = [name for name in FIXED_ON_RESUME if contents["options"].get(name) != getattr(options, name)]
     changed = [f"{name} ({contents['options'].get(name)!r} in the checkpoint, {getattr(options, name)!r} now)"
-               for name in FIXED_ON_RESUME if contents["options"].get(name) != getattr(options, name)]
+               for name in loop]
     changed += [f"{name} ({contents['fixed'].get(name)!r} in the checkpoint, {fixed.get(name)!r} now)"
-                for name in sorted(set(contents["fixed"]) | set(fixed))
-                if contents["fixed"].get(name) != fixed.get(name)]
+                for name in sorted(set(contents["fixed"]) | set(fixed))  # a name the loop's values named already: once
+                if contents["fixed"].get(name) != fixed.get(name) and name not in loop]
     if changed:
         raise UsageError(f"cannot resume from {folder}: options differ from the checkpoint's: {', '.join(changed)}; "
                          f"resume with the same options")
