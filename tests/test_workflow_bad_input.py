@@ -4,8 +4,10 @@ listing and its bytes, an output folder stays empty, and the working directory g
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -300,3 +302,17 @@ def test_resume_with_other_data_or_model_options_is_refused(place, run, tiny_mod
     err = _refused(capsys, ["train", *same, "--max-length", "16", "--lr", "0.005"],
                    "options differ from the checkpoint's: lr (0.001 in the checkpoint, 0.005 now); resume with")
     assert err.count("lr (") == 1, err  # the rate is named once, with the values the loop uses
+
+
+@pytest.mark.parametrize("source", ["--file", "standard input"])
+def test_infer_on_text_that_is_not_utf8_says_so_before_loading(source, tmp_path, capsys, monkeypatch):
+    latin1 = "café crème\n".encode("latin-1")  # é is 0xe9 in Latin-1, not a UTF-8 sequence
+    argv = ["infer", "--checkpoint", str(tmp_path / "no-run-here")]
+    if source == "--file":
+        (tmp_path / "texts.txt").write_bytes(latin1)
+        argv += ["--file", str(tmp_path / "texts.txt")]
+    else:
+        stdin = io.TextIOWrapper(io.BytesIO(latin1), encoding="utf-8")
+        stdin.isatty = lambda: False
+        monkeypatch.setattr(sys, "stdin", stdin)
+    _refused(capsys, argv, f"{source}", "is not UTF-8 text (it holds the byte 0xe9); convert it to UTF-8")

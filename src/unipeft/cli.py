@@ -259,6 +259,15 @@ def run_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lines(stream, what: str) -> list[str]:
+    """The non-blank lines of a text stream; a UsageError when it is not UTF-8 text."""
+    try:
+        return [line.rstrip("\n") for line in stream if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} is not UTF-8 text (it holds the byte {exc.object[exc.start]:#04x}); convert it "
+                         f"to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def run_infer(args: argparse.Namespace) -> int:
     import json
 
@@ -268,11 +277,11 @@ def run_infer(args: argparse.Namespace) -> int:
     if args.file:
         try:
             with open(args.file, encoding="utf-8") as fh:
-                texts += [line.rstrip("\n") for line in fh if line.strip()]
+                texts += _lines(fh, f"--file {args.file}")
         except OSError as exc:
             raise UsageError(f"cannot read --file {args.file}: {exc.strerror}") from None
     elif not texts and not sys.stdin.isatty():
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        texts = _lines(sys.stdin, "standard input")
     if args.checkpoint is None:
         raise UsageError("pass --checkpoint DIR, the --output-dir of a `unipeft train` run")
     for row in infer(args.checkpoint, texts, _eval_options(args), args.model, args.labels):
