@@ -172,6 +172,23 @@ def test_single_label_and_bad_numbers(tmp_path, tiny_model, capsys):
     assert "--epochs: must be positive" in capsys.readouterr().err
 
 
+def test_labels_mixing_numbers_and_names_are_refused(tmp_path, tiny_model, capsys):
+    # "1" and "positive" would silently become two of six classes
+    path = tmp_path / "mixed.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{['0', '1', 'negative', 'positive'][i % 4]}\n" for i in range(20)))
+    fails(capsys, ["train", "--model", tiny_model, "--data", str(path), "--output-dir", str(tmp_path / "out")],
+          "column 'label' mixes numbers (0, 1) and names (negative, positive)", "every label as a name",
+          out=tmp_path / "out")
+
+
+def test_a_binary_data_file_is_refused_as_not_text(tmp_path, tiny_model, capsys):
+    path = tmp_path / "data.csv"
+    path.write_bytes(bytes(range(256)) * 8)  # NUL and every other byte: what a zip or a model file holds
+    err = fails(capsys, ["train", "--model", tiny_model, "--data", str(path), "--output-dir", str(tmp_path / "out")],
+                "is not a text file (it holds NUL bytes)", out=tmp_path / "out")
+    assert "columns found" not in err
+
+
 def test_max_length_beyond_the_model_positions(tmp_path, tiny_model, tiny_csv, capsys):
     out = tmp_path / "out"
     fails(capsys, ["train", "--model", tiny_model, "--data", tiny_csv, "--max-length", "100", "--output-dir", str(out)],

@@ -61,6 +61,8 @@ def corpus_path() -> str:
 
 
 def _decode(raw: bytes, path: str, notes: list[str]) -> str:
+    if b"\x00" in raw:  # text files never hold NUL; binary ones nearly always do
+        raise UsageError(f"{path} is not a text file (it holds NUL bytes); data files are CSV, TSV or JSONL text")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -154,6 +156,12 @@ def to_examples(rows: list[dict], columns: list[str], text_column: str, label_co
     if repeated:
         notes.append(f"dropped {repeated} repeated text(s) (first occurrence kept) so no text is in two splits")
     labels = _ordered_labels({label for _, label in pairs})
+    numbers = [label for label in labels if label.lstrip("-").isdigit()]
+    if numbers and len(numbers) < len(labels):
+        names = [label for label in labels if label not in numbers]
+        raise UsageError(f"{source}: column {label_column!r} mixes numbers ({', '.join(numbers[:5])}) and names "
+                         f"({', '.join(names[:5])}), which would be separate classes; write every label as a name or "
+                         f"every label as its number")
     if len(labels) < 2:
         raise UsageError(f"{source}: column {label_column!r} must hold at least 2 distinct labels, found {labels}")
     return pairs, labels
