@@ -183,6 +183,19 @@ def test_input_too_long_once_virtual_tokens_are_added(family, method):
         run(peft, too_long)
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_generate_past_the_model_s_positions_is_refused_before_decoding(method):
+    # GPT-2's test model has 64 learned positions; every token fed back takes one, the last generated never is
+    peft = make(method, "gpt2", "CAUSAL_LM")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    room = 64 - T - 5 + 1
+    assert peft.generate(input_ids=ids, max_new_tokens=room, do_sample=False).shape[1] == 5 + room  # fits exactly
+    with pytest.raises(AdapterError, match=f"generating {room + 1} tokens after a 5-token input and the prompt "
+                                           f"adapter's {T} virtual positions needs 65 positions, more than the "
+                                           f"model's 64; ask for at most {room} new tokens"):
+        peft.generate(input_ids=ids, max_new_tokens=room + 1, do_sample=False)
+
+
 def test_prompt_adapters_cannot_merge_and_only_one_is_active():
     peft = make("prompt", "gpt2", "CAUSAL_LM")
     with pytest.raises(AdapterError, match="cannot be merged"):

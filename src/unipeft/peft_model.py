@@ -174,8 +174,23 @@ class PeftModel(nn.Module):
         + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
 
     def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        self._check_generation_room(args, kwargs)
         with self._routing(adapter_names, args, kwargs), self._pinned_prompts(args, kwargs):
             return self.get_base_model().generate(*args, **kwargs)
+
+    def _check_generation_room(self, args, kwargs) -> None:
+        virtual = getattr(self.base_model, "virtual_inputs", None)
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+        if virtual is None or inputs is None:
+            return
+        config = kwargs.get("generation_config") or getattr(self.get_base_model(), "generation_config", None)
+        new_tokens = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        if new_tokens is None:  # transformers then stops at max_length tokens in all
+            max_length = kwargs.get("max_length", getattr(config, "max_length", None))
+            new_tokens = None if max_length is None else max_length - inputs.shape[1]
+        if new_tokens is not None:
+            virtual.check_generation_room(inputs.shape[1], new_tokens)
 
     @contextmanager
     def _pinned_prompts(self, args, kwargs):

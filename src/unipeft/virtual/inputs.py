@@ -175,6 +175,19 @@ class VirtualInputs:
             )
         return names[0], self.prompts[names[0]]
 
+    def check_generation_room(self, length: int, new_tokens: int) -> None:
+        """Before generate() of a decoder-only model: the input, the virtual positions and every token to be
+        generated must fit a learned position table, or decoding would fail part-way (deep in the model)."""
+        found = None if self.encoder_decoder else self.active()
+        limit = compat.position_limit(body_of(self.model)) if found else None
+        count = found[1].num_virtual if found else 0
+        needed = length + count + new_tokens - 1  # the last token generated is never fed back
+        if limit is not None and needed > limit:
+            raise AdapterError(
+                f"generating {new_tokens} tokens after a {length}-token input and the prompt adapter's {count} virtual "
+                f"positions needs {needed} positions, more than the model's {limit}; ask for at most "
+                f"{max(0, limit - count - length + 1)} new tokens (max_new_tokens) or shorten the input")
+
     def _tokens(self, name: str, prompt: VirtualInput, kwargs: dict) -> torch.Tensor:
         return self.pinned[name] if name in self.pinned else prompt.tokens(kwargs)
 
