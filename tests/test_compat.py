@@ -304,6 +304,16 @@ def test_is_conv1d():
     assert not compat.is_conv1d(F.make_model("llama", "CAUSAL_LM").model.layers[0].self_attn.q_proj)
 
 
+def test_linear_dims():
+    # what each layer maps, read from what it computes: a [2, in] input gives a [2, out] output
+    conv = F.make_model("gpt2", "CAUSAL_LM").transformer.h[0].attn.c_attn  # 32 -> 96 (q, k, v)
+    linear = torch.nn.Linear(5, 7)
+    for layer, transposed in ((conv, True), (linear, False)):
+        in_features, out_features, flag = compat.linear_dims(layer)
+        assert layer(torch.randn(2, in_features)).shape == (2, out_features) and flag is transposed, \
+            broken("linear_dims", f"{type(layer).__name__} does not map {in_features} -> {out_features}")
+
+
 def test_is_exact_conv1d():
     conv = F.make_model("gpt2", "CAUSAL_LM").transformer.h[0].attn.c_attn
     assert compat.is_exact_conv1d(conv)
