@@ -40,8 +40,11 @@ METHODS = {
     "prompt": ("peft", 1e-1, "prompt tuning, 20 tokens"),
     "ia3": ("peft", 3e-2, "IA3 on key, value and the FFN output"),
     "bitfit": ("torch", 1e-2, "every bias"),
-    "houlsby": ("adapters", 3e-3, "sequential adapters after attention and FFN, r = 64"),
-    "pfeiffer": ("adapters", 3e-3, "one sequential adapter after the FFN, r = 64"),
+    # the block adapters with the reference's activation and initialisation (adapters' DoubleSeqBn / SeqBn
+    # defaults: SiLU for Houlsby, ReLU for Pfeiffer, BERT's normal(0.02) init), which unipeft's presets leave
+    # at ReLU and LoRA's init (down Kaiming-uniform, up zero)
+    "houlsby": ("adapters", 3e-3, "sequential adapters after attention and FFN, r = 64, SiLU, BERT init"),
+    "pfeiffer": ("adapters", 3e-3, "one sequential adapter after the FFN, r = 64, ReLU, BERT init"),
     "parallel": ("adapters", 3e-3, "parallel FFN adapter, r = 64"),
     "scaled_parallel": ("adapters", 1e-3, "parallel FFN adapter, r = 64, s = 4"),
     # MAM's FFN adapter is 3x as wide as the block adapters, and Adam moves its output 3x as far per step:
@@ -69,8 +72,8 @@ def unipeft_model(method: str, base):
         "prompt": lambda: u.PromptTuningConfig(task_type=kind, num_virtual_tokens=20),
         "ia3": lambda: u.IA3Config(task_type=kind),
         "bitfit": lambda: u.BitFitConfig(task_type=kind),
-        "houlsby": lambda: u.HoulsbyConfig(task_type=kind, bottleneck_size=64),
-        "pfeiffer": lambda: u.PfeifferConfig(task_type=kind, bottleneck_size=64),
+        "houlsby": lambda: u.HoulsbyConfig(task_type=kind, bottleneck_size=64, non_linearity="silu", init_option="bert"),
+        "pfeiffer": lambda: u.PfeifferConfig(task_type=kind, bottleneck_size=64, init_option="bert"),
         "parallel": lambda: u.ParallelAdapterConfig(task_type=kind, bottleneck_size=64),
         "scaled_parallel": lambda: u.ScaledParallelAdapterConfig(task_type=kind, bottleneck_size=64),
         "mam": lambda: u.MAMConfig(task_type=kind, ffn_bn=base.config.hidden_size // 2),
