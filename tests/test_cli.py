@@ -181,6 +181,21 @@ def test_labels_mixing_numbers_and_names_are_refused(tmp_path, tiny_model, capsy
           out=tmp_path / "out")
 
 
+def test_a_model_with_a_trained_head_of_another_size_is_refused_before_training(tmp_path, tiny_model, capsys):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    three = tmp_path / "three-way"
+    AutoModelForSequenceClassification.from_pretrained(
+        tiny_model, num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"}).save_pretrained(three)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(three)
+    capsys.readouterr()  # transformers' own progress output
+    two = tmp_path / "two.csv"
+    two.write_text("text,label\n" + "".join(f"t{i} w{i % 7},{'ab'[i % 2]}\n" for i in range(40)))
+    out = tmp_path / "out"
+    fails(capsys, ["train", "--model", str(three), "--data", str(two), "--output-dir", str(out)],
+          "already has a classification head with 3 outputs (neg, neu, pos), and this run needs 2", out=out)
+
+
 def test_a_binary_data_file_is_refused_as_not_text(tmp_path, tiny_model, capsys):
     path = tmp_path / "data.csv"
     path.write_bytes(bytes(range(256)) * 8)  # NUL and every other byte: what a zip or a model file holds

@@ -85,6 +85,8 @@ def load_model(name: str, labels: list[str], head: str = "classifier", on_meta: 
         kwargs = dict(num_labels=1, problem_type="regression")
     auto = {"classifier": "AutoModelForSequenceClassification", "regressor": "AutoModelForSequenceClassification",
             "seq2seq": "AutoModelForSeq2SeqLM", "causal": "AutoModelForCausalLM"}[head]
+    if "num_labels" in kwargs:
+        _check_trained_head(name, kwargs["num_labels"])
     try:
         with quiet_loading():
             tokenizer = transformers.AutoTokenizer.from_pretrained(name)
@@ -106,6 +108,23 @@ def load_model(name: str, labels: list[str], head: str = "classifier", on_meta: 
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _check_trained_head(name: str, outputs: int) -> None:
+    """A checkpoint saved with a sequence-classification head keeps it: refuse one whose size is not the run's
+    (transformers would stop with a size-mismatch RuntimeError after loading)."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError):
+        return  # load_model reports an unreadable model itself
+    trained = any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
+    if trained and config.num_labels != outputs:
+        held = ", ".join(str(v) for v in (config.id2label or {}).values())
+        raise UsageError(f"{name} already has a classification head with {config.num_labels} outputs ({held}), and "
+                         f"this run needs {outputs}; use data with those labels, or start from the model without "
+                         f"its head")
 
 
 def check_max_length(length: int, tokenizer, model, what: str = "max_length") -> None:
