@@ -176,6 +176,24 @@ def test_train_into_a_finished_run_without_resume_is_refused(place, run, tiny_mo
              f"{run} already holds a run; choose another --output-dir, or pass --resume to continue it")
 
 
+def test_train_into_an_unwritable_place_is_refused_before_loading(tiny_model, files, tmp_path, capsys,
+                                                                    monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)  # read and enter, not write
+    if os.access(locked, os.W_OK):  # root writes anywhere: then only the permission check itself is exercised
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == str(locked) else real_access(p, mode))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr("unipeft.train.model.load_model", no_model)
+    _refused(capsys, ["train", "--model", tiny_model, "--data", files["csv"], "--output-dir", str(locked / "a" / "run")],
+             f"cannot write the run to {locked / 'a' / 'run'}: {locked} is not writable by this user")
+    assert list(locked.iterdir()) == []
+
+
 def test_resume_of_a_folder_that_does_not_exist_creates_nothing(place, tiny_model, files, capsys):  # noqa: F811
     _refused(capsys, ["train", "--model", tiny_model, "--data", files["csv"], "--output-dir", files["missing"],
                       "--resume"], f"--resume: {files['missing']} does not exist")

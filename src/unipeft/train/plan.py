@@ -158,6 +158,12 @@ def _check_output_dir(path: str, resume: bool) -> None:
                          f"an interrupted run")
     if has_run and not resume:
         raise UsageError(f"{path} already holds a run; choose another --output-dir, or pass --resume to continue it")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the folder is made later: its nearest existing ancestor must take it
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the run to {path}: {existing} is not writable by this user; choose another "
+                         f"--output-dir")
 
 
 def resolve_device(requested: str | None):
