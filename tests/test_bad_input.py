@@ -227,13 +227,13 @@ def test_pickle_weights_need_an_explicit_flag(tmp_path):
 
 # ---- atomic saves ---------------------------------------------------------------------------------
 def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
-    from unipeft.engine import checkpoint
+    from unipeft import atomic_files
 
     lora_model().save_pretrained(tmp_path)
     old = {p: (tmp_path / p).read_bytes() for p in ("adapter_config.json", "adapter_model.safetensors")}
     newer = get_peft_model(F.make_model("bert", "SEQ_CLS", seed=5), LoraConfig(task_type="SEQ_CLS", r=2, init_lora_weights=False))
 
-    real_write = checkpoint._write_temp
+    real_write = atomic_files._write_temp
     calls = []
 
     def failing_write(final_path, data):
@@ -242,11 +242,29 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_write(final_path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_temp", failing_write)
+    monkeypatch.setattr(atomic_files, "_write_temp", failing_write)
     with pytest.raises(OSError, match="disk full"):
         newer.save_pretrained(tmp_path)
     assert {p: (tmp_path / p).read_bytes() for p in old} == old
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_files_and_checkpoint_folders_follow_the_umask(tmp_path, umask):
+    """As open() and mkdir would: a serving account reads an adapter saved under umask 022 (tempfile alone
+    would make every file 0600)."""
+    from unipeft.train.train_state import CHECKPOINT, write_checkpoint
+
+    previous = os.umask(umask)
+    try:
+        lora_model().save_pretrained(tmp_path / "adapter")
+        write_checkpoint(str(tmp_path), {"trainer_state.json": b"{}"})
+    finally:
+        os.umask(previous)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "adapter" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert (tmp_path / CHECKPOINT).stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / CHECKPOINT / "trainer_state.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 # ---- runtime misuse ------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ class PeftConfig:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        from .engine.checkpoint import atomic_write_text
+        from .atomic_files import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_saved_json())

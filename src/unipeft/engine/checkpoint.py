@@ -9,12 +9,13 @@ methods store `prompt_embeddings` at the top level, tensors an adapter shares ac
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
+
+from ..atomic_files import atomic_write_files
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -34,51 +35,6 @@ class CheckpointError(OSError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's tensors do not fit this model (another base model, another config, a damaged file)."""
-
-
-def _temp_path(final_path: str) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(final_path) or ".")
-    os.close(fd)
-    return tmp
-
-
-def write_synced(path: str, data: bytes) -> None:
-    """Write `data` to `path` and wait until it is on disk (the rename that publishes it comes after)."""
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _write_temp(final_path: str, data: bytes) -> str:
-    tmp = _temp_path(final_path)
-    try:
-        write_synced(tmp, data)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def atomic_write_files(files: dict[str, bytes]) -> None:
-    """Write every file to a temporary name first; rename only once all are complete.
-
-    A failure (or interruption) before the renames leaves each previous file untouched.
-    """
-    temps: dict[str, str] = {}
-    try:
-        for path, data in files.items():
-            temps[path] = _write_temp(path, data)
-    except BaseException:
-        for tmp in temps.values():
-            os.unlink(tmp)
-        raise
-    for path, tmp in temps.items():
-        os.replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_files({path: text.encode("utf-8")})
 
 
 def file_key(key: str, prefix: str) -> str:

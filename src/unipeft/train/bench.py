@@ -104,7 +104,7 @@ def check_bench_options(methods: list[str], options, method_given: bool) -> None
 def bench(methods: list[str], train_args: list[str], output_dir: str,
           log: Callable[[str], None] = print) -> list[dict]:
     """Train each method with `train_args` (the same for all) and write bench.md, bench.json and bench.png."""
-    from ..engine.checkpoint import atomic_write_text
+    from ..atomic_files import atomic_write_text
     from .methods import check_method
 
     methods = [check_method(m) for m in methods]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import math
 
-from ..engine.checkpoint import atomic_write_files, atomic_write_text
+from ..atomic_files import atomic_write_files, atomic_write_text
 from .errors import UsageError
 
 PANEL_INCHES = (5.0, 4.0)  # width, height of one panel

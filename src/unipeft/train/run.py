@@ -286,7 +286,7 @@ def _epoch_records(history: list[dict]) -> list[dict]:
 
 
 def _write_reports(metrics: dict, history: list[dict], output_dir: str) -> None:
-    from ..engine.checkpoint import atomic_write_text
+    from ..atomic_files import atomic_write_text
     from .report import write_curves, write_summary
 
     atomic_write_text(os.path.join(output_dir, METRICS_FILE), json.dumps(metrics, indent=2) + "\n")

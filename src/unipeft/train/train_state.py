@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load as safetensors_load
 
-from ..engine.checkpoint import write_synced
+from ..atomic_files import honour_umask, write_synced
 from ..engine.sharding import shape
 from .errors import UsageError
 
@@ -105,6 +105,7 @@ def write_checkpoint(run_dir: str, files: dict[str, bytes]) -> None:
     final = os.path.join(run_dir, CHECKPOINT)
     old = final + ".old"
     tmp = tempfile.mkdtemp(prefix=".checkpoint-", dir=run_dir)
+    honour_umask(tmp)
     try:
         for name, data in files.items():
             write_synced(os.path.join(tmp, name), data)

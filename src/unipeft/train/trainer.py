@@ -50,7 +50,7 @@ from safetensors.torch import save as safetensors_save
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..engine.checkpoint import atomic_write_text
+from ..atomic_files import atomic_write_text
 from ..engine.sharding import whole_parameters
 from .accelerator import make_accelerator
 from .engines import full_optimizer_state, full_trainable, load_full_optimizer_state, load_full_trainable, resolve_engine

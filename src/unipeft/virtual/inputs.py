@@ -26,7 +26,6 @@ gradient checkpointing can recompute a layer without the prefix growing.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ from .. import compat
 from ..engine.layers import AdapterError, AdapterState
 from ..engine.model_parts import ModelPart
 from ..engine.sites import blocks_of, body_of
+from .call_kwargs import CallKwargs, batch_size, compute_dtype, prepend, sequence_length, shift_positions
 from .prefix_cache import batched, expand_rows, fill_cache, frozen_cache, take_cache
 from .prefix_attention import (
     CROSS, DECODER_SELF, ENCODER_PREFIX, ENCODER_SELF, grow_mask, hook_encoder_attention, sites_of,
@@ -85,45 +85,6 @@ class VirtualInput(ModelPart):
         raise NotImplementedError
 
 
-def _prepend(kwargs: dict, key: str, count: int, value) -> None:
-    tensor = kwargs.get(key)
-    if tensor is None or tensor.dim() != 2:
-        return
-    pad = torch.full((tensor.shape[0], count), value, dtype=tensor.dtype, device=tensor.device)
-    kwargs[key] = torch.cat([pad, tensor], dim=1)
-
-
-def _shift_positions(kwargs: dict, key: str, count: int, include_virtual: bool) -> None:
-    """Real tokens move `count` positions on; with include_virtual the virtual ones take 0..count-1."""
-    position_ids = kwargs.get(key)
-    if position_ids is None:
-        return
-    shifted = position_ids + count
-    if include_virtual:
-        virtual = torch.arange(count, dtype=position_ids.dtype, device=position_ids.device)
-        shifted = torch.cat([virtual.expand(*position_ids.shape[:-1], count), shifted], dim=-1)
-    kwargs[key] = shifted
-
-
-class _CallKwargs:
-    """Positional arguments of a module call turned into keywords, and back."""
-
-    def __init__(self, module: nn.Module):
-        self.signature = inspect.signature(module.forward)
-
-    def to_kwargs(self, args: tuple, kwargs: dict) -> dict:
-        if not args:
-            return dict(kwargs)
-        bound = self.signature.bind_partial(*args, **kwargs)
-        out = {}
-        for name, value in bound.arguments.items():
-            if self.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
-                out.update(value)
-            else:
-                out[name] = value
-        return out
-
-
 class VirtualInputs:
     """The hooks that insert the active prompt adapter's virtual positions into a model's calls."""
 
@@ -148,7 +109,7 @@ class VirtualInputs:
                 self._hook(model, self._pad_labels, None)
 
     def _hook(self, module: nn.Module, before, after) -> None:
-        names = _CallKwargs(module)
+        names = CallKwargs(module)
         self._handles.append(module.register_forward_pre_hook(
             lambda m, args, kwargs: ((), before(m, names.to_kwargs(args, kwargs))), with_kwargs=True))
         if after is not None:
@@ -207,7 +168,7 @@ class VirtualInputs:
         found = self.active()
         cache = compat.call_cache(kwargs)
         if found is not None and found[1].kind == TOKENS and (cache is None or not cache.get_seq_length()):
-            _prepend(kwargs, "labels", found[1].num_virtual, -100)
+            prepend(kwargs, "labels", found[1].num_virtual, -100)
         return kwargs
 
     def _after_call(self, module, args, output):
@@ -241,19 +202,19 @@ class VirtualInputs:
                     f"the cache was not produced with prompt adapter {name!r} active; start from an empty "
                     f"cache (or none) so its {count} virtual positions are added first"
                 )
-            _prepend(kwargs, mask_key, count, 1)
-            _shift_positions(kwargs, position_key, count, include_virtual=False)
+            prepend(kwargs, mask_key, count, 1)
+            shift_positions(kwargs, position_key, count, include_virtual=False)
             return kwargs, 0
         self._check_length(module, kwargs, count)
         if prompt.kind == TOKENS:
             kwargs = self._prepend_tokens(module, name, prompt, kwargs)
-            _shift_positions(kwargs, position_key, count, include_virtual=True)
+            shift_positions(kwargs, position_key, count, include_virtual=True)
             if cache is not None:
                 setattr(cache, _TAG, count)
         else:
             kwargs[cache_key] = self._prefix_cache(module, prompt, kwargs, cache)
-            _shift_positions(kwargs, position_key, count, include_virtual=False)
-        _prepend(kwargs, mask_key, count, 1)
+            shift_positions(kwargs, position_key, count, include_virtual=False)
+        prepend(kwargs, mask_key, count, 1)
         return kwargs, count
 
     def _prepend_tokens(self, module, name, prompt, kwargs) -> dict:
@@ -269,12 +230,12 @@ class VirtualInputs:
             self._block_tokens[id(module)] = tokens
             tokens = tokens[:, 0]
         kwargs["inputs_embeds"] = torch.cat([tokens.to(embeds.dtype), embeds], dim=1)
-        _prepend(kwargs, "token_type_ids", prompt.num_virtual, 0)
+        prepend(kwargs, "token_type_ids", prompt.num_virtual, 0)
         return kwargs
 
     def _prefix_cache(self, module, prompt, kwargs, cache):
-        batch = _batch_size(kwargs)
-        dtype = _compute_dtype(module)
+        batch = batch_size(kwargs)
+        dtype = compute_dtype(module)
         sites = prompt.prefix()
         self_prefix, cross_prefix = (batched(sites[site], batch, dtype) if site in sites else None
                                      for site in (DECODER_SELF, CROSS))
@@ -333,7 +294,7 @@ class VirtualInputs:
         if key not in self._limits:
             self._limits[key] = compat.position_limit(module)
         limit = self._limits[key]
-        length = _sequence_length(kwargs)
+        length = sequence_length(kwargs)
         if limit is not None and length is not None and length + count > limit:
             raise AdapterError(
                 f"the input has {length} tokens and the prompt adapter adds {count} virtual positions, more than the "
@@ -349,10 +310,10 @@ class VirtualInputs:
         if prompt.kind == TOKENS:
             self._check_length(module, kwargs, prompt.num_virtual)
             kwargs = self._prepend_tokens(module, name, prompt, kwargs)
-            _prepend(kwargs, "attention_mask", prompt.num_virtual, 1)
+            prepend(kwargs, "attention_mask", prompt.num_virtual, 1)
         elif ENCODER_SELF in sites_of(prompt):
             hook_encoder_attention(module, self._handles)
-            prefix = batched(prompt.prefix()[ENCODER_SELF], _batch_size(kwargs), _compute_dtype(module))
+            prefix = batched(prompt.prefix()[ENCODER_SELF], batch_size(kwargs), compute_dtype(module))
             ids = kwargs.get("input_ids")
             grow_mask(kwargs, "attention_mask", ids if ids is not None else kwargs.get("inputs_embeds"), prompt.num_virtual)
             kwargs[ENCODER_PREFIX] = frozen_cache(prefix, encoder_decoder=False)
@@ -366,7 +327,7 @@ class VirtualInputs:
         if prompt.kind == TOKENS:
             mask, states = kwargs.get("encoder_attention_mask"), kwargs.get("encoder_hidden_states")
             if mask is not None and states is not None and states.shape[1] == mask.shape[1] + prompt.num_virtual:
-                _prepend(kwargs, "encoder_attention_mask", prompt.num_virtual, 1)
+                prepend(kwargs, "encoder_attention_mask", prompt.num_virtual, 1)
             return kwargs
         sites = sites_of(prompt)
         if CROSS in sites and kwargs.get("encoder_hidden_states") is not None:
@@ -384,26 +345,3 @@ class VirtualInputs:
                     f"cache (or none) so its cross-attention prefix is added first"
                 )
         return kwargs
-
-
-def _sequence_length(kwargs: dict) -> int | None:
-    for key in ("input_ids", "inputs_embeds"):
-        if kwargs.get(key) is not None:
-            return kwargs[key].shape[1]
-    return None
-
-
-def _batch_size(kwargs: dict) -> int:
-    for key in ("input_ids", "inputs_embeds", "hidden_states"):
-        if kwargs.get(key) is not None:
-            return kwargs[key].shape[0]
-    raise AdapterError("cannot tell the batch size of this call: pass input_ids or inputs_embeds")
-
-
-def _compute_dtype(module: nn.Module) -> torch.dtype:
-    for param in module.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return torch.float32
-
-
