@@ -138,6 +138,11 @@ def wrap(lib: str, model, case: str, method: str = "lora"):
         kwargs.update(target_modules=list(spec["ia3"]), feedforward_modules=list(spec["ia3_ff"]))
     if method in ("lora", "dora", "ia3", "adalora") and spec.get("fan_in_fan_out"):
         kwargs["fan_in_fan_out"] = True  # GPT-2 Conv1D; PEFT warns and sets it itself otherwise
+    if lib == "peft":  # HF PEFT 0.21 looks for `past_key_values` in the signature; transformers 5.25 says `cache`
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+        from peft_interop import peft_base
+
+        model = peft_base(model)
     torch.manual_seed(1)
     peft_model = mod.get_peft_model(model, getattr(mod, config_class)(**kwargs))
     peft_model.train()
