@@ -184,9 +184,10 @@ def test_input_too_long_once_virtual_tokens_are_added(family, method):
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix"])
-def test_generate_past_the_model_s_positions_is_refused_before_decoding(method):
-    # GPT-2's test model has 64 learned positions; every token fed back takes one, the last generated never is
-    peft = make(method, "gpt2", "CAUSAL_LM")
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_neo"])  # the causal families with learned positions
+def test_generate_past_the_model_s_positions_is_refused_before_decoding(method, family):
+    # the test models have 64 learned positions; every token fed back takes one, the last generated never is
+    peft = make(method, family, "CAUSAL_LM")
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     room = 64 - T - 5 + 1
     assert peft.generate(input_ids=ids, max_new_tokens=room, do_sample=False).shape[1] == 5 + room  # fits exactly
@@ -194,6 +195,13 @@ def test_generate_past_the_model_s_positions_is_refused_before_decoding(method):
                                            f"adapter's {T} virtual positions needs 65 positions, more than the "
                                            f"model's 64; ask for at most {room} new tokens"):
         peft.generate(input_ids=ids, max_new_tokens=room + 1, do_sample=False)
+
+
+@pytest.mark.parametrize("family", ["bloom", "llama", "qwen2"])  # ALiBi and rotary positions have no table
+def test_generate_without_a_position_table_is_never_refused(family):
+    peft = make("prompt", family, "CAUSAL_LM")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert peft.generate(input_ids=ids, max_new_tokens=70, min_new_tokens=70, do_sample=False).shape[1] == 75
 
 
 def test_prompt_adapters_cannot_merge_and_only_one_is_active():
